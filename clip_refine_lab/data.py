@@ -1,0 +1,327 @@
+"""Data manifests and datasets: one format for the embedded world and for real data.
+
+A *manifest* is a small YAML file that says what a data set is and where its files are::
+
+    name: synthetic-coco          # free text, used in logs and reports
+    kind: captions                # captions | classification
+    format: jsonl                 # how the records are stored (see READERS)
+    root: images                  # image paths are relative to this folder
+    records: synthetic-coco.jsonl # the records file (format-specific)
+    classnames: [...]             # classification only
+    templates: ["a photo of a {c}."]   # classification only; {c} is the class name
+    source: where the data comes from (free text)
+    layout: the expected directory layout (free text)
+
+``root`` and ``records`` are relative to the manifest's own folder unless absolute, and may use
+environment variables such as ``${CLIP_REFINE_LAB_DATA}`` (the data root, which ``--data-root``
+overrides). The ``jsonl`` format has one JSON object a line:
+``{"id": "000001", "image": "000001.png", "captions": ["...", "..."]}`` for captions and
+``{"id": "000001", "image": "000001.png", "label": 3}`` for classification; other keys (such as the
+synthetic world's scene metadata under ``"meta"``) are kept in ``record.meta``.
+
+Other formats (COCO JSON, Karpathy JSON, CSV, WebDataset shards, image folders) register a reader
+with :func:`register_reader`; every reader yields the same :class:`CaptionRecord` or
+:class:`ClassificationRecord`, so training and evaluation never see the on-disk format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import yaml
+
+from .utils import atomic_write
+
+DATA_ROOT_ENV = "CLIP_REFINE_LAB_DATA"
+KINDS = ("captions", "classification")
+
+
+class ManifestError(ValueError):
+    """A manifest or one of its records is wrong; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    id: str
+    image: str  # absolute path (or a reader-specific locator such as "shard.tar::key")
+    captions: tuple[str, ...]
+    source: str = ""  # "file:line" of the record, for error messages
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class ClassificationRecord:
+    id: str
+    image: str
+    label: int
+    source: str = ""
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+Record = CaptionRecord | ClassificationRecord
+
+
+@dataclass
+class Manifest:
+    path: Path  # the YAML file
+    name: str
+    kind: str
+    format: str
+    root: Path  # resolved image root
+    records_path: Path | None  # resolved records file (or shard pattern / folder) when the format has one
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+    fields: dict[str, Any] = field(default_factory=dict)  # every key of the YAML, as written
+
+    def records(self) -> list[Record]:
+        """All records, read through the reader registered for ``format``."""
+        reader = get_reader(self.format)
+        return list(reader(self))
+
+    @property
+    def num_classes(self) -> int:
+        if self.classnames is None:
+            raise ManifestError(f"{self.path}: manifest '{self.name}' has no classnames")
+        return len(self.classnames)
+
+    def prompts(self, classname: str) -> list[str]:
+        return [t.replace("{c}", classname) for t in (self.templates or ["a photo of a {c}."])]
+
+
+# ----------------------------------------------------------------------------------------- readers
+READERS: dict[str, Callable[[Manifest], Iterable[Record]]] = {}
+
+
+def register_reader(fmt: str):
+    """Decorator: register ``fn(manifest) -> iterable of records`` for manifests of ``format: fmt``."""
+
+    def wrap(fn):
+        READERS[fmt] = fn
+        return fn
+
+    return wrap
+
+
+def get_reader(fmt: str):
+    if fmt not in READERS:
+        # Readers of real-data formats live in their own module; import registers them.
+        from . import data_formats  # noqa: F401
+    if fmt not in READERS:
+        raise ManifestError(f"unknown manifest format '{fmt}'; known formats: {', '.join(sorted(READERS))}")
+    return READERS[fmt]
+
+
+@register_reader("jsonl")
+def read_jsonl(manifest: Manifest) -> Iterable[Record]:
+    path = manifest.records_path
+    if path is None or not path.is_file():
+        raise ManifestError(f"{manifest.path}: field 'records': file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
+            yield record_from_dict(obj, manifest.kind, manifest.root, where)
+
+
+def record_from_dict(obj: dict, kind: str, root: Path, where: str) -> Record:
+    """Build a record from a plain dict (``id``, ``image``, ``captions``/``caption`` or ``label``)."""
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("id", "image"):
+        if key not in obj:
+            raise ManifestError(f"{where}: missing field '{key}'")
+    image = str(obj["image"])
+    image = image if os.path.isabs(image) or "::" in image else str(root / image)
+    meta = {k: v for k, v in obj.items() if k not in ("id", "image", "captions", "caption", "label")}
+    if kind == "captions":
+        caps = obj.get("captions", obj.get("caption"))
+        if caps is None:
+            raise ManifestError(f"{where}: missing field 'captions'")
+        caps = [caps] if isinstance(caps, str) else caps
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise ManifestError(f"{where}: field 'captions' must be a string or a list of strings")
+        return CaptionRecord(str(obj["id"]), image, tuple(caps), where, meta)
+    label = obj.get("label")
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise ManifestError(f"{where}: field 'label' must be an integer class index, got {label!r}")
+    return ClassificationRecord(str(obj["id"]), image, label, where, meta)
+
+
+# ------------------------------------------------------------------------------ loading and writing
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def expand_path(value: str, base: Path, data_root: str | os.PathLike | None, where: str) -> Path:
+    """Expand ``${VAR}`` (``data_root`` wins for ${CLIP_REFINE_LAB_DATA}) and resolve against ``base``."""
+
+    def sub(m: re.Match) -> str:
+        var = m.group(1) or m.group(2)
+        if var == DATA_ROOT_ENV and data_root is not None:
+            return str(data_root)
+        if var not in os.environ:
+            hint = " (pass --data-root or set it to the folder holding your data sets)" if var == DATA_ROOT_ENV else ""
+            raise ManifestError(f"{where} uses ${{{var}}}, which is not set{hint}")
+        return os.environ[var]
+
+    path = Path(os.path.expanduser(_VAR.sub(sub, str(value))))
+    return path if path.is_absolute() else (base / path)
+
+
+def load_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> Manifest:
+    """Read and validate a manifest YAML file. Errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    try:
+        fields = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(fields, dict):
+        raise ManifestError(f"{path}: expected a mapping of fields, got {type(fields).__name__}")
+    for key in ("name", "kind", "format"):
+        if key not in fields:
+            raise ManifestError(f"{path}: missing field '{key}'")
+    kind = fields["kind"]
+    if kind not in KINDS:
+        raise ManifestError(f"{path}: field 'kind' must be one of {KINDS}, got {kind!r}")
+    base = path.parent
+    root = expand_path(fields.get("root", "."), base, data_root, f"{path}: field 'root'")
+    records = fields.get("records")
+    records_path = expand_path(records, base, data_root, f"{path}: field 'records'") if records else None
+    classnames = fields.get("classnames")
+    templates = fields.get("templates")
+    if kind == "classification":
+        if classnames is not None and (
+            not isinstance(classnames, list) or not all(isinstance(c, str) and c.strip() for c in classnames)
+        ):
+            raise ManifestError(f"{path}: field 'classnames' must be a list of non-empty strings")
+        if templates is not None:
+            if not isinstance(templates, list) or not templates:
+                raise ManifestError(f"{path}: field 'templates' must be a non-empty list of strings")
+            for i, t in enumerate(templates):
+                if not isinstance(t, str) or "{c}" not in t:
+                    raise ManifestError(f"{path}: field 'templates' item {i} must contain '{{c}}', got {t!r}")
+    return Manifest(path, str(fields["name"]), kind, str(fields["format"]), root, records_path,
+                    classnames, templates, fields)
+
+
+def write_manifest(
+    path: str | os.PathLike,
+    *,
+    name: str,
+    kind: str,
+    records: Sequence[dict],
+    root: str = ".",
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    **extra: Any,
+) -> Path:
+    """Write ``records`` (plain dicts in the jsonl record schema) and a manifest YAML, atomically.
+
+    The records go to ``<path stem>.jsonl`` beside the YAML; the YAML is written last, so a
+    manifest that exists always points at a complete records file.
+    """
+    path = Path(path)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    records_file = path.with_suffix(".jsonl")
+    atomic_write(records_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    fields: dict[str, Any] = {"name": name, "kind": kind, "format": "jsonl", "root": root,
+                              "records": records_file.name}
+    if classnames is not None:
+        fields["classnames"] = list(classnames)
+    if templates is not None:
+        fields["templates"] = list(templates)
+    fields.update(extra)
+    atomic_write(path, yaml.safe_dump(fields, sort_keys=False, allow_unicode=True))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ images
+def load_image(path: str):
+    """Open an image as RGB; a missing or corrupt file raises ManifestError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ManifestError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ManifestError(f"cannot read image {path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------- datasets
+class CaptionPairs:
+    """Map-style dataset of (image tensor, caption tokens, index) for training.
+
+    Each item uses one caption of its image, drawn deterministically from (seed, epoch, index) so
+    that a resumed run sees exactly the captions an uninterrupted run would (the paper uses one
+    random caption per image per step). Call :meth:`set_epoch` at the start of every epoch.
+    """
+
+    def __init__(self, records: Sequence[CaptionRecord], preprocess, tokenizer, seed: int = 0,
+                 image_cache: "Any | None" = None):
+        self.records = list(records)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.epoch = 0
+        self.image_cache = image_cache  # optional tensor (N, 3, H, W) of preprocessed images
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def caption_index(self, index: int) -> int:
+        n = len(self.records[index].captions)
+        if n == 1:
+            return 0
+        return int(np.random.default_rng((self.seed, self.epoch, index)).integers(n))
+
+    def __getitem__(self, index: int):
+        rec = self.records[index]
+        if self.image_cache is not None:
+            image = self.image_cache[index]
+        else:
+            image = self.preprocess(load_image(rec.image))
+        caption = rec.captions[self.caption_index(index)]
+        tokens = self.tokenizer([caption])[0]
+        return image, tokens, index
+
+
+class Images:
+    """Map-style dataset of (preprocessed image, index) for feature extraction."""
+
+    def __init__(self, records: Sequence[Record], preprocess):
+        self.records = list(records)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        return self.preprocess(load_image(self.records[index].image)), index
+
+
+def flatten_captions(records: Sequence[CaptionRecord]) -> tuple[list[str], np.ndarray]:
+    """All captions in record order and, for each, the index of its image (for retrieval)."""
+    texts: list[str] = []
+    owner: list[int] = []
+    for i, rec in enumerate(records):
+        texts.extend(rec.captions)
+        owner.extend([i] * len(rec.captions))
+    return texts, np.asarray(owner, dtype=np.int64)

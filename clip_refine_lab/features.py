@@ -1,0 +1,160 @@
+"""Encoding data sets into CLIP features, and the one feature cache every metric and notebook uses.
+
+Features are stored *raw* (as ``encode_image``/``encode_text`` return them, unnormalised): the
+metrics normalise where REFERENCE.md says so, and the raw norms are themselves worth plotting.
+
+Cache key = (fingerprint of the weights, fingerprint of the data set's manifest and records,
+preprocessing config). A cache entry lives at
+``<cache dir>/features/<weights fp>/<data fp>.safetensors`` and is written atomically; changing
+the weights (e.g. another checkpoint), the records file or the preprocessing gives a new key, so a
+stale entry is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import CaptionRecord, Images, Manifest, flatten_captions, load_manifest
+from .models import LoadedModel
+from .utils import atomic_path, cache_dir, stable_hash
+
+
+@dataclass
+class FeatureSet:
+    """Raw features of one data set under one model."""
+
+    name: str
+    kind: str  # "captions" or "classification"
+    image: torch.Tensor  # (N, d) raw image features
+    text: torch.Tensor  # captions: (M, d) caption features; classification: (C, T, d) prompt features
+    text_to_image: torch.Tensor | None = None  # captions: (M,) index of each caption's image
+    labels: torch.Tensor | None = None  # classification: (N,)
+    classnames: list[str] | None = None
+    ids: list[str] = field(default_factory=list)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, shapes, dtypes and bytes): changes whenever any weight does."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:20]
+
+
+def manifest_fingerprint(manifest: Manifest) -> str:
+    parts = [str(manifest.path.resolve()), manifest.path.read_bytes().hex()]
+    rp = manifest.records_path
+    if rp is not None and rp.is_file():
+        st = rp.stat()
+        parts += [str(rp.resolve()), str(st.st_size), str(st.st_mtime_ns)]
+    return stable_hash(parts)
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
+                  num_workers: int = 0, progress: bool = True, desc: str = "images") -> torch.Tensor:
+    """Raw image features of a map-style dataset yielding (image tensor, index)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    out = []
+    model.eval()
+    for images, _ in tqdm(loader, desc=f"encode {desc}", disable=not progress, leave=False):
+        out.append(model.encode_image(images.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 512,
+                 device: str | torch.device = "cpu", progress: bool = True, desc: str = "texts") -> torch.Tensor:
+    """Raw text features of a list of strings."""
+    out = []
+    model.eval()
+    for start in tqdm(range(0, len(texts), batch_size), desc=f"encode {desc}", disable=not progress, leave=False):
+        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+        out.append(model.encode_text(tokens).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def dataset_features(loaded: LoadedModel, manifest: str | os.PathLike | Manifest, *, device: str | torch.device = "cpu",
+                     batch_size: int = 256, data_root: str | None = None, cache: bool = True,
+                     progress: bool = True, weights_fp: str | None = None) -> FeatureSet:
+    """Features of every image and caption (or class prompt) of a manifest, through the cache."""
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest, data_root=data_root)
+    weights_fp = weights_fp or weights_fingerprint(loaded.model)
+    key = stable_hash([manifest_fingerprint(manifest), loaded.spec.preprocess, loaded.spec.arch, "v1"])
+    path = cache_dir() / "features" / weights_fp / f"{key}.safetensors"
+    if cache and path.is_file():
+        return _load(path, manifest)
+    records = manifest.records()
+    image = encode_images(loaded.model, Images(records, loaded.preprocess), batch_size=batch_size, device=device,
+                          progress=progress, desc=f"{manifest.name} images")
+    tensors: dict[str, torch.Tensor] = {"image": image}
+    if manifest.kind == "captions":
+        texts, owner = flatten_captions(records)  # type: ignore[arg-type]
+        tensors["text"] = encode_texts(loaded.model, loaded.tokenizer, texts, batch_size=batch_size * 2,
+                                       device=device, progress=progress, desc=f"{manifest.name} captions")
+        tensors["text_to_image"] = torch.from_numpy(owner)
+    else:
+        classnames = manifest.classnames or []
+        prompts = [p for c in classnames for p in manifest.prompts(c)]
+        t = encode_texts(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size * 2, device=device,
+                         progress=progress, desc=f"{manifest.name} prompts")
+        tensors["text"] = t.reshape(len(classnames), -1, t.shape[-1])
+        tensors["labels"] = torch.tensor([r.label for r in records], dtype=torch.long)
+    if cache:
+        from safetensors.torch import save_file
+
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"manifest": str(manifest.path), "name": manifest.name})
+    return _from_tensors(tensors, manifest, [r.id for r in records])
+
+
+def _load(path: Path, manifest: Manifest) -> FeatureSet:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return _from_tensors(tensors, manifest, None)
+
+
+def _from_tensors(tensors: dict, manifest: Manifest, ids: list[str] | None) -> FeatureSet:
+    return FeatureSet(
+        name=manifest.name, kind=manifest.kind, image=tensors["image"], text=tensors["text"],
+        text_to_image=tensors.get("text_to_image"), labels=tensors.get("labels"),
+        classnames=list(manifest.classnames) if manifest.classnames else None, ids=ids or [],
+    )
+
+
+def decode_images(records: Sequence, image_size: int, *, progress: bool = True) -> torch.Tensor:
+    """All images of ``records`` as one uint8 tensor (N, 3, S, S), for small in-memory data sets.
+
+    Images must already be ``image_size`` square (the synthetic world's are); with the model's
+    eval preprocessing (resize to the same size, centre crop, to-tensor, normalise) this equals
+    ``preprocess`` followed by :func:`normalize_uint8`.
+    """
+    from .data import load_image
+
+    out = torch.empty((len(records), 3, image_size, image_size), dtype=torch.uint8)
+    for i, rec in enumerate(tqdm(records, desc="decode images", disable=not progress, leave=False)):
+        im = load_image(rec.image)
+        if im.size != (image_size, image_size):
+            raise ValueError(f"{rec.image}: expected {image_size}x{image_size} pixels, got {im.size[0]}x{im.size[1]}")
+        out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return out
+
+
+def normalize_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 normalised as open_clip's preprocessing does."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.float().div_(255.0) - m) / s
