@@ -53,7 +53,7 @@ class Preset:
 # passes them explicitly (README, "Real models and data").
 PRESETS: dict[str, Preset] = {
     "default": Preset("default", world="default", model="tiny-vit-48", lr=1e-5, batch_size=256, epochs=2),
-    "micro": Preset("micro", world="micro", model="micro-vit-24", lr=1e-4, batch_size=32, epochs=1),
+    "micro": Preset("micro", world="micro", model="micro-vit-32", lr=1e-4, batch_size=32, epochs=1),
 }
 
 
@@ -125,7 +125,6 @@ class RunConfig:
     output_dir: str = "runs"
     run_name: str | None = None
     log_every: int = 1
-    teacher_cache: bool = False  # reuse cached teacher features across epochs and runs (issue "Speed")
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
 
     # ---------------------------------------------------------------------------------- checking
@@ -260,3 +259,55 @@ class RunConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of option: value")
         return cls.from_dict(values, where=str(path))
+
+
+# One line of help per option: used by the CLI's --help and the README's option table.
+FIELD_HELP: dict[str, str] = {
+    "method": f"post-pre-training method: {', '.join(METHOD_NAMES)}",
+    "preset": "scale preset: default (embedded world, tiny ViT) or micro (seconds; tests/CI); "
+              "default: $CLIP_REFINE_LAB_PRESET or 'default'",
+    "alpha": "HyCD mixing weight of the one-hot target, in [0, 1] (0 = Self-KD, 1 = contrastive CE)",
+    "temperature": "HyCD softmax temperature T (> 0); 1 on raw features as in the released code",
+    "feature_space": "features RaFA/HyCD act on: raw (released code) or normalized (paper's text)",
+    "rafa_weight": "weight of L_RaFA (lambda_RaFA)",
+    "hycd_weight": "weight of L_HyCD (lambda_HyCD)",
+    "align_weight": "weight of the L2 alignment term of hycd+l2",
+    "m2_weight": "weight w of the m2-mix term (total = L_CLIP + w * L_m2)",
+    "m2_beta": "m2-mix: lambda ~ Beta(beta, beta) per batch",
+    "prior": f"RaFA prior p(z): {', '.join(PRIOR_NAMES)}",
+    "prior_mean": "mean of the normal prior",
+    "prior_sigma": "std of the normal prior (0 = no randomness, z = mean)",
+    "prior_low": "lower bound of the uniform prior",
+    "prior_high": "upper bound of the uniform prior",
+    "prior_vector": "the fixed prior's vector (one number per feature dimension)",
+    "lr": "AdamW learning rate (paper: 1e-6 for ViT-B/32); default from the preset",
+    "weight_decay": "AdamW weight decay (0.1, on all parameters as in the released code)",
+    "no_decay_gains": "exclude gains, biases and the logit scale from weight decay (open_clip's rule)",
+    "schedule": "learning-rate schedule: constant (paper) or cosine",
+    "warmup_steps": "linear warm-up steps (0 = none, as in the paper)",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_eps": "AdamW epsilon",
+    "grad_clip": "clip the gradient norm to this value (default: no clipping)",
+    "batch_size": "global batch size (pairs per optimiser step; paper: 512); default from the preset",
+    "accum_steps": "split each batch into this many micro-batches (OpenCLIP-style accumulation, exact)",
+    "epochs": "epochs over the training pairs (fractions allowed); default from the preset",
+    "max_steps": "stop after this many optimiser steps",
+    "precision": "fp32 (default; the only choice on CPU), bf16 or fp16 autocast on GPU",
+    "seed": "random seed: data order, caption choice, prior samples; CPU runs repeat exactly",
+    "device": "auto, cpu, cuda or cuda:N",
+    "val_fraction": "fraction of pairs held out for validation / best-checkpoint selection (released code: 0.01)",
+    "val_every": "validate every N steps (default: four times per epoch)",
+    "checkpoint_every": "write the resumable checkpoint every N steps (default: with each validation)",
+    "model": "open_clip architecture (ViT-B-32, ...) or one of ours (tiny-vit-48, ...); default from the preset",
+    "pretrained": "pretrained tag (openai, ...), a checkpoint file, or 'embedded' (our base model)",
+    "quick_gelu": "force QuickGELU on/off (default: from the tag or checkpoint; OpenAI weights need it)",
+    "data": "training pairs: a manifest YAML or a split of the embedded world (synthetic-coco, synthetic-web)",
+    "data_root": "folder that ${CLIP_REFINE_LAB_DATA} in manifests stands for",
+    "on_bad_sample": "what to do with unreadable images or empty captions: fail (default) or skip (counted)",
+    "num_workers": "data-loading worker processes",
+    "output_dir": "folder holding run directories",
+    "run_name": "run directory name (default: method, time and seed)",
+    "log_every": "write a log line every N steps",
+    "extra": "free-form notes recorded with the run (YAML mapping)",
+}

@@ -47,7 +47,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:20]
 
 
@@ -90,6 +90,8 @@ def dataset_features(loaded: LoadedModel, manifest: str | os.PathLike | Manifest
     """Features of every image and caption (or class prompt) of a manifest, through the cache."""
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest, data_root=data_root)
+    if not cache:
+        weights_fp = "uncached"
     weights_fp = weights_fp or weights_fingerprint(loaded.model)
     key = stable_hash([manifest_fingerprint(manifest), loaded.spec.preprocess, loaded.spec.arch, "v1"])
     path = cache_dir() / "features" / weights_fp / f"{key}.safetensors"

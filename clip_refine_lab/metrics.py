@@ -333,6 +333,11 @@ def classification_metrics(
 # ----------------------------------------------------------------------------------------------
 
 
+def _count_greater(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Per row, #(scores > threshold) (a bool mask summed as int32: no int64 copy of the block)."""
+    return torch.gt(scores, threshold).sum(dim=1, dtype=torch.int32)
+
+
 def retrieval_metrics(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -395,7 +400,8 @@ def retrieval_metrics(
         stop = min(start + block_size, num_texts)
         scores = normalize(text_features[start:stop].to(dtype)) @ images_unit.T
         correct = scores.gather(1, text_to_image[start:stop, None])
-        t2i_ranks[start:stop] = 1 + (scores > correct).sum(dim=1)
+        t2i_ranks[start:stop] = 1 + _count_greater(scores, correct)
+        del scores, correct  # free this block before the next one is allocated
     del images_unit
 
     # image → text: queries are images, items are texts; the captions of images [a, b) are
@@ -412,7 +418,8 @@ def retrieval_metrics(
         caption_rows = text_to_image[caption_ids] - start
         best_correct = torch.full((stop - start,), float("-inf"), dtype=dtype, device=scores.device)
         best_correct.scatter_reduce_(0, caption_rows, scores[caption_rows, caption_ids], reduce="amax")
-        i2t_ranks[start:stop] = 1 + (scores > best_correct[:, None]).sum(dim=1)
+        i2t_ranks[start:stop] = 1 + _count_greater(scores, best_correct[:, None])
+        del scores, best_correct
     del texts_unit
 
     results: dict[str, float] = {}

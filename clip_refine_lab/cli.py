@@ -1,0 +1,204 @@
+"""Command line: ``clip-refine-lab {refine,pretrain,world,eval,compare,data} ...``.
+
+Every option of ``refine`` is a field of :class:`~clip_refine_lab.config.RunConfig` (``--help``
+lists them all); ``--config run.yaml`` loads a YAML file first and flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+
+from .config import FIELD_HELP, ConfigError, RunConfig
+
+
+def _field_parser(tp) -> tuple[dict, str]:
+    """argparse kwargs for a RunConfig field type."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+    base = args[0]
+    if base is bool:
+        return {"type": _parse_bool, "metavar": "{true,false}"}, "bool"
+    if typing.get_origin(base) is list:
+        return {"type": float, "nargs": "+"}, "list"
+    if typing.get_origin(base) is dict:
+        return {"type": str}, "dict"
+    return {"type": base}, base.__name__
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(RunConfig)
+    group = parser.add_argument_group("run options (RunConfig fields)")
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "extra":
+            continue
+        kwargs, _ = _field_parser(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                           help=f"{FIELD_HELP[f.name]} (default: {default})", **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = RunConfig.from_yaml(args.config).to_dict() if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return RunConfig.from_dict(values, where="command line")
+
+
+# ------------------------------------------------------------------------------------- commands
+def cmd_refine(args) -> int:
+    from .train import init_distributed_from_env, refine
+
+    init_distributed_from_env()
+    cfg = config_from_args(args)
+    run_dir = refine(cfg, progress=not args.quiet, resume=args.resume)
+    print(run_dir)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    import json
+
+    from .pretrain import format_summary, pretrain_base
+
+    path = pretrain_base(args.model, world_preset=args.preset, progress=not args.quiet)
+    print(format_summary(json.loads(path.with_suffix(".json").read_text())))
+    print(path)
+    return 0
+
+
+def cmd_world(args) -> int:
+    from .config import PRESETS, preset_name
+    from .world import WorldConfig, build_world
+
+    world = build_world(WorldConfig.preset(PRESETS[preset_name(args.preset)].world), progress=not args.quiet)
+    print(world.root)
+    for name in ["synthetic-web", "synthetic-coco", "synthetic-retrieval", *world.tasks, *world.validation_tasks]:
+        print(f"  {name:<28} {world.manifest(name)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_run, format_tables
+
+    result = evaluate_run(args.run_dir, suite=args.suite, device=args.device, progress=not args.quiet,
+                          data_root=args.data_root)
+    print(format_tables(result))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .evaluate import compare, format_tables
+
+    print(format_tables(compare(args.run_dirs)))
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from .datacheck import run_data_check
+
+    return run_data_check(args.manifest, data_root=args.data_root)
+
+
+def cmd_data_leakage(args) -> int:
+    from .datacheck import leakage_report
+
+    report = leakage_report(args.train, args.eval, data_root=args.data_root, hash_images=not args.no_hash)
+    print(report.format())
+    return 0
+
+
+def cmd_data_filter(args) -> int:
+    from .filtering import clip_score_filter
+
+    out = clip_score_filter(args.manifest, args.out, model=args.model, pretrained=args.pretrained,
+                            keep_fraction=args.keep_fraction, threshold=args.threshold, batch_size=args.batch_size,
+                            device=args.device, data_root=args.data_root, progress=not args.quiet)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clip-refine-lab", description=__doc__.splitlines()[0])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("refine", help="post-pre-train a CLIP model (CLIP-Refine or a baseline)")
+    p.add_argument("--config", help="YAML file of run options; flags override it")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue an interrupted run with the same run directory (default: on)")
+    add_run_options(p)
+    p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("pretrain", help="build the embedded world and pre-train (or load) the base model")
+    p.add_argument("--model", default=None, help="tiny architecture (default: the preset's)")
+    p.add_argument("--preset", default=None, help="default or micro (default: $CLIP_REFINE_LAB_PRESET or default)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("world", help="build (or find) the embedded synthetic world and list its manifests")
+    p.add_argument("--preset", default=None)
+    p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("eval", help="evaluate a run and its starting model; writes metrics.json and metrics.csv")
+    p.add_argument("run_dir")
+    p.add_argument("--suite", default=None, help="task suite YAML (default: the embedded world's tasks)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root", default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="paper-layout tables of several evaluated runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.set_defaults(func=cmd_compare)
+
+    data = sub.add_parser("data", help="check, compare and filter data sets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="find missing/corrupt images, empty captions, bad labels, duplicates")
+    p.add_argument("manifest")
+    p.add_argument("--data-root", default=None)
+    p.set_defaults(func=cmd_data_check)
+    p = data.add_parser("leakage", help="image overlap between a training set and evaluation sets")
+    p.add_argument("train")
+    p.add_argument("eval", nargs="+")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--no-hash", action="store_true", help="compare image ids only, not file contents")
+    p.set_defaults(func=cmd_data_leakage)
+    p = data.add_parser("filter", help="keep the pairs with the highest CLIP score (DataComp-style)")
+    p.add_argument("manifest")
+    p.add_argument("out")
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--pretrained", default="openai")
+    p.add_argument("--keep-fraction", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-root", default=None)
+    p.set_defaults(func=cmd_data_filter)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import ManifestError
+    from .models import ModelNotAvailableError
+    from .train import NonFiniteLossError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ManifestError, ModelNotAvailableError, NonFiniteLossError, FileNotFoundError) as e:
+        print(f"clip-refine-lab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""The post-pre-training loop: ``refine(config) -> run_dir``.
+
+One readable loop in the spirit of nanoGPT's train.py. Per step:
+
+1. take the step's global batch (order and caption choice are pure functions of seed, epoch and
+   index, so a resumed run sees exactly the batches an uninterrupted one would);
+2. draw the step's randomness (RaFA prior sample z, m2-mix lambda) from a generator seeded by
+   (seed, step): again nothing to save for resuming;
+3. teacher features for the whole batch (frozen copy of the starting model, no grad);
+4. student features and loss, with OpenCLIP-style gradient accumulation when ``accum_steps > 1``:
+   a no-grad forward of every micro-batch caches features, then each micro-batch is re-forwarded
+   with grad and the loss is computed on the full batch (its features spliced into the cached
+   ones), so the B x B logits keep all negatives and the summed gradients equal the full batch's;
+5. with several processes (torchrun), features are all-gathered with gradient for the local slice,
+   every rank computes the global-batch loss times the world size, and gradients are averaged:
+   the result equals the single-process gradient of the global batch;
+6. a non-finite loss term stops the run naming the step and the term; checkpoints written before
+   stay as they are;
+7. AdamW step, logging (JSONL + progress bar), validation with best-checkpoint selection (the
+   released code keeps the checkpoint with the lowest validation loss), periodic atomic checkpoints.
+
+Run directory layout (README, "Run directory")::
+
+    <output_dir>/<run_name>/
+        config.yaml              the resolved RunConfig
+        base.json                the starting model (architecture, weights, QuickGELU, preprocessing)
+        log.jsonl                one line per logged step ({"kind": "train"|"val", ...})
+        checkpoints/last.pt      training state for resuming (model, optimiser, step, best val loss)
+        model_best.safetensors   lowest validation loss (open_clip-loadable state dict)
+        model_final.safetensors  weights after the last step
+        prior_stats.safetensors  per-dimension feature statistics, for the *-stats priors
+        summary.json             written last: the run is complete
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError, RunConfig
+from .data import CaptionPairs, CaptionRecord, ManifestError, load_manifest
+from .distributed import gather_features, world_info
+from .methods import Method, get_method, loss_terms
+from .models import LoadedModel, ModelSpec, load_model, save_checkpoint
+from .priors import build_prior, feature_statistics
+from .utils import atomic_path, atomic_write, atomic_write_json, seed_everything
+
+RESUMABLE_FIELDS = ("output_dir", "run_name", "device", "num_workers", "log_every", "max_steps")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------ setup
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was requested but CUDA is not available; use device 'cpu' or 'auto'")
+    return dev
+
+
+def resolve_data(cfg: RunConfig) -> "Path":
+    """The manifest path of ``cfg.data``: a YAML file, or the name of a split of the embedded world."""
+    data = str(cfg.data)
+    if data.endswith((".yaml", ".yml")) or os.sep in data:
+        if not Path(data).is_file():
+            raise ConfigError(f"data: manifest file not found: {data}")
+        return Path(data)
+    from .config import PRESETS
+    from .world import WorldConfig, build_world
+
+    world = build_world(WorldConfig.preset(PRESETS[cfg.preset].world))  # type: ignore[index]
+    try:
+        return world.manifest(data)
+    except KeyError as e:
+        raise ConfigError(f"data: '{data}' is neither a manifest file nor a split of the embedded world ({e})") from None
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``val_fraction`` of the pairs (at least one when the fraction is positive), seeded."""
+    order = np.random.default_rng((seed, 0x7A1)).permutation(n)
+    n_val = 0 if val_fraction == 0 else max(1, int(round(n * val_fraction)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW; decay on every parameter (released code) or, with no_decay_gains, not on gains/biases/scale."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.no_decay_gains:
+        exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+        groups = [{"params": [p for n, p in params if not exclude(n, p)], "weight_decay": cfg.weight_decay},
+                  {"params": [p for n, p in params if exclude(n, p)], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in params], "weight_decay": cfg.weight_decay}]
+    kwargs = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, **kwargs)
+
+
+def lr_at(step: int, total: int, cfg: RunConfig) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.schedule == "cosine":
+        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+    return cfg.lr * warm
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The step's own generator: randomness is a pure function of (seed, step), so resuming needs no RNG state."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + step) % (2**63))
+    return g
+
+
+# ------------------------------------------------------------------------------------- the loop
+class Refiner:
+    """Holds what one run needs; :meth:`run` is the loop. Use :func:`refine` rather than this class."""
+
+    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.rank, self.world_size = world_info()
+        self.device = resolve_device(cfg.device)
+        self.method: Method = get_method(cfg.method)
+        self.run_dir = cfg.run_dir
+
+        seed_everything(cfg.seed)
+        self.base: LoadedModel = load_model(cfg.model, cfg.pretrained, device=self.device,  # type: ignore[arg-type]
+                                            quick_gelu=cfg.quick_gelu, world_preset=cfg.preset)
+        self.model = self.base.model
+        self.teacher = None
+        if self.method.needs_teacher:
+            # The teacher is an exact, frozen copy of the starting model (released code: deepcopy + no_grad).
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.manifest = load_manifest(resolve_data(cfg), data_root=cfg.data_root)
+        if self.manifest.kind != "captions":
+            raise ConfigError(f"data: {self.manifest.path} is a {self.manifest.kind} manifest; "
+                              "post-pre-training needs image-caption pairs")
+        records = [r for r in self.manifest.records() if isinstance(r, CaptionRecord)]
+        records, self.skipped = self._screen(records)
+        train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, cfg.seed)
+        self.train_records = [records[i] for i in train_idx]
+        self.val_records = [records[i] for i in val_idx]
+        self.train_set = CaptionPairs(self.train_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed)
+        self.val_set = CaptionPairs(self.val_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed + 1)
+        if len(self.train_records) < cfg.batch_size:  # type: ignore[operator]
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
+                              f"({len(self.train_records)} pairs after the validation split)")
+        if cfg.batch_size % self.world_size:  # type: ignore[operator]
+            raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world_size})")
+        self.local_batch = cfg.batch_size // self.world_size  # type: ignore[operator]
+        if self.local_batch % cfg.accum_steps:
+            raise ConfigError(f"per-process batch {self.local_batch} must be divisible by accum_steps ({cfg.accum_steps})")
+        self.steps_per_epoch = len(self.train_records) // cfg.batch_size  # type: ignore[operator]
+        self.total_steps = max(1, int(round(self.steps_per_epoch * cfg.epochs)))  # type: ignore[operator]
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.val_every = cfg.val_every or max(1, self.steps_per_epoch // 4)
+        self.checkpoint_every = cfg.checkpoint_every or self.val_every
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.prior = self._build_prior() if self.method.needs_prior else None
+        self.autocast = self._autocast()
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _screen(self, records: list[CaptionRecord]) -> tuple[list[CaptionRecord], int]:
+        if self.cfg.on_bad_sample != "skip":
+            return records, 0
+        from .datacheck import is_readable
+
+        good = [r for r in tqdm(records, desc="screen samples", disable=not self.progress, leave=False)
+                if is_readable(r) is None and any(c.strip() for c in r.captions)]
+        return good, len(records) - len(good)
+
+    def _build_prior(self):
+        cfg = self.cfg
+        stats = None
+        if cfg.prior.endswith("-stats"):
+            stats = self._feature_stats()
+        return build_prior(cfg.prior, sigma=cfg.prior_sigma, mean=cfg.prior_mean, low=cfg.prior_low,
+                           high=cfg.prior_high, vector=cfg.prior_vector, stats=stats)
+
+    def _feature_stats(self) -> dict:
+        """Per-dimension mean/std of the starting model's raw features on the training set, once per run."""
+        from safetensors.torch import load_file, save_file
+
+        from .features import encode_images, encode_texts
+        from .data import Images
+
+        path = self.run_dir / "prior_stats.safetensors"
+        if not path.is_file():
+            image = encode_images(self.model, Images(self.train_records, self.base.preprocess),
+                                  device=self.device, progress=self.progress, desc="prior stats")
+            text = encode_texts(self.model, self.base.tokenizer, [r.captions[0] for r in self.train_records],
+                                device=self.device, progress=self.progress, desc="prior stats")
+            tensors = {}
+            for key, feats in (("image", image), ("text", text), ("all", torch.cat([image, text]))):
+                mean, std = feature_statistics(feats)
+                tensors[f"{key}_mean"], tensors[f"{key}_std"] = mean.contiguous(), std.contiguous()
+            if self.rank == 0:
+                with atomic_path(path) as tmp:
+                    save_file(tensors, str(tmp))
+        t = load_file(str(path)) if path.is_file() else tensors
+        return {k: (t[f"{k}_mean"].to(self.device), t[f"{k}_std"].to(self.device)) for k in ("image", "text", "all")}
+
+    def _autocast(self):
+        p = self.cfg.precision
+        if p == "fp32":
+            return contextlib.nullcontext
+        if self.device.type != "cuda":
+            raise ConfigError(f"precision {p} needs a GPU; on CPU use fp32")
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return lambda: torch.autocast("cuda", dtype=dtype)
+
+    def batch_indices(self, epoch: int, batch_in_epoch: int) -> np.ndarray:
+        """This rank's slice of the global batch ``batch_in_epoch`` of ``epoch``."""
+        order = np.random.default_rng((self.cfg.seed, epoch)).permutation(len(self.train_records))
+        start = batch_in_epoch * self.cfg.batch_size  # type: ignore[operator]
+        glob = order[start:start + self.cfg.batch_size]  # type: ignore[operator]
+        return glob[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
+
+    def load_batch(self, dataset: CaptionPairs, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [dataset[int(i)] for i in indices]
+        images = torch.stack([it[0] for it in items]).to(self.device, non_blocking=True)
+        tokens = torch.stack([it[1] for it in items]).to(self.device, non_blocking=True)
+        return images, tokens
+
+    # ------------------------------------------------------------------------------- one step
+    def compute_loss(self, images: torch.Tensor, tokens: torch.Tensor, step: int, *, train: bool) -> dict:
+        """Loss terms for one global batch; with ``train`` also accumulates gradients (OpenCLIP way)."""
+        cfg, method = self.cfg, self.method
+        gen = step_generator(cfg.seed if train else cfg.seed + 7919, step, self.device)
+        n_global = images.shape[0] * self.world_size
+        extras: dict = {}
+        with torch.no_grad(), self.autocast():
+            if self.teacher is not None:
+                ti, tt = gather_features(self.teacher.encode_image(images).float(), self.teacher.encode_text(tokens).float())
+                extras.update(teacher_image=ti, teacher_text=tt)
+        if method.needs_prior:
+            dim = self.base.embed_dim
+            # one z per pair of the global batch, shared by its image and its text
+            extras["z"] = self.prior.sample(n_global, dim, gen).to(self.device, torch.float32)  # type: ignore[union-attr]
+        if method.needs_mix:
+            # one lambda ~ Beta(beta, beta) per batch, drawn through the step generator (inverse CDF)
+            extras["lam"] = beta_inverse_cdf(cfg.m2_beta, float(torch.rand((), generator=gen)))
+        model = self.model
+        scale = model.logit_scale.exp()
+        if not train:
+            with torch.no_grad(), self.autocast():
+                fi, ft = gather_features(model.encode_image(images).float(), model.encode_text(tokens).float())
+                return {k: v.detach() for k, v in loss_terms(method, cfg, fi, ft, logit_scale=scale, **extras).items()} | {
+                    "_features": (fi, ft)}
+        micro = images.shape[0] // cfg.accum_steps
+        chunks = [(slice(j * micro, (j + 1) * micro)) for j in range(cfg.accum_steps)]
+        if cfg.accum_steps > 1:
+            with torch.no_grad(), self.autocast():
+                cached_i = [model.encode_image(images[c]).float() for c in chunks]
+                cached_t = [model.encode_text(tokens[c]).float() for c in chunks]
+        terms: dict = {}
+        for j, c in enumerate(chunks):
+            with self.autocast():
+                fi_j, ft_j = model.encode_image(images[c]).float(), model.encode_text(tokens[c]).float()
+            if cfg.accum_steps > 1:
+                fi_local = torch.cat(cached_i[:j] + [fi_j] + cached_i[j + 1:])
+                ft_local = torch.cat(cached_t[:j] + [ft_j] + cached_t[j + 1:])
+            else:
+                fi_local, ft_local = fi_j, ft_j
+            fi, ft = gather_features(fi_local, ft_local)
+            terms = loss_terms(method, cfg, fi, ft, logit_scale=model.logit_scale.exp(), **extras)
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+            if bad:
+                raise NonFiniteLossError(
+                    f"loss term '{bad[0]}' is {terms[bad[0]].item()} at step {step}; the run stopped and kept its "
+                    f"last checkpoint ({self.run_dir / 'checkpoints' / 'last.pt'}). Lower lr or check the data.")
+            # Every rank computed the global-batch loss; x world_size makes the averaged gradients exact.
+            backward_loss = terms["loss"] * self.world_size
+            if self.scaler is not None:
+                self.scaler.scale(backward_loss).backward()
+            else:
+                backward_loss.backward()
+        out = {k: v.detach() for k, v in terms.items()}
+        out["_features"] = (fi.detach(), ft.detach())
+        return out
+
+    def all_reduce_gradients(self) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean method loss on the held-out pairs (fixed z and lambda, so values compare across steps)."""
+        if not self.val_records:
+            return None
+        self.model.eval()
+        global_bs = max(self.world_size, min(self.cfg.batch_size, len(self.val_records)) // self.world_size * self.world_size)
+        local_bs = global_bs // self.world_size
+        total, count = 0.0, 0
+        for start in range(0, len(self.val_records) - global_bs + 1, global_bs):
+            first = start + self.rank * local_bs
+            images, tokens = self.load_batch(self.val_set, range(first, first + local_bs))
+            terms = self.compute_loss(images, tokens, start, train=False)
+            total += float(terms["loss"]) * global_bs
+            count += global_bs
+        self.model.train()
+        return total / count if count else None
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_state(self, step: int, best_val: float | None) -> None:
+        if self.rank != 0:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
+                 "best_val": best_val if best_val is not None else float("nan")}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        with atomic_path(self.run_dir / "checkpoints" / "last.pt") as tmp:
+            torch.save(state, tmp)
+
+    def load_state(self) -> tuple[int, float | None]:
+        path = self.run_dir / "checkpoints" / "last.pt"
+        if not path.is_file():
+            return 0, None
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        best = float(state["best_val"])
+        return int(state["step"]), (None if math.isnan(best) else best)
+
+    def save_weights(self, name: str) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.model, self.run_dir / name, self.base.spec, method=self.cfg.method)
+
+    # ------------------------------------------------------------------------------------- run
+    def run(self) -> Path:
+        cfg = self.cfg
+        step, best_val = self.load_state()
+        log_path = self.run_dir / "log.jsonl"
+        if self.rank == 0:
+            _truncate_log(log_path, step)
+        if step == 0 and self.val_records:
+            # the starting model is a candidate too: a run that only gets worse keeps it
+            best_val = self.validate()
+            self.save_weights("model_best.safetensors")
+            if self.rank == 0:
+                _append(log_path, {"kind": "val", "step": 0, "val_loss": best_val, "best": True})
+        if self.skipped:
+            print(f"on_bad_sample=skip: skipped {self.skipped} unreadable or captionless samples")
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=step, desc=f"refine {cfg.method}",
+                   disable=not self.progress or self.rank != 0)
+        while step < self.total_steps:
+            epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+            self.train_set.set_epoch(epoch)
+            t0 = time.perf_counter()
+            images, tokens = self.load_batch(self.train_set, self.batch_indices(epoch, batch_in_epoch))
+            lr = lr_at(step, self.total_steps, cfg)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            terms = self.compute_loss(images, tokens, step, train=True)
+            self.all_reduce_gradients()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            with torch.no_grad():  # CLIP keeps its learned temperature at or below 100
+                self.model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            if self.rank == 0 and (step % cfg.log_every == 0 or step == self.total_steps):
+                record = step_record(terms, step, epoch, lr, cfg.batch_size / (time.perf_counter() - t0),  # type: ignore[operator]
+                                     float(self.model.logit_scale.exp().item()))
+                _append(log_path, record)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "rafa", "hycd", "clip", "gap")})
+            bar.update(1)
+            if step % self.val_every == 0 or step == self.total_steps:
+                val = self.validate()
+                improved = val is not None and (best_val is None or val < best_val)
+                if improved:
+                    best_val = val
+                    self.save_weights("model_best.safetensors")
+                if self.rank == 0 and val is not None:
+                    _append(log_path, {"kind": "val", "step": step, "val_loss": val, "best": improved})
+            if step % self.checkpoint_every == 0 or step == self.total_steps:
+                self.save_state(step, best_val)
+        bar.close()
+        self.save_weights("model_final.safetensors")
+        if not self.val_records:
+            self.save_weights("model_best.safetensors")
+        if self.rank == 0:
+            atomic_write_json(self.run_dir / "summary.json", {
+                "steps": step, "best_val_loss": best_val, "skipped_samples": self.skipped,
+                "train_pairs": len(self.train_records), "val_pairs": len(self.val_records),
+                "world_size": self.world_size})
+        return self.run_dir
+
+
+def beta_inverse_cdf(beta: float, u: float) -> float:
+    """The Beta(beta, beta) quantile of u: a Beta draw from one uniform draw of our own generator."""
+    from scipy.special import betaincinv
+
+    return float(betaincinv(beta, beta, u))
+
+
+def step_record(terms: dict, step: int, epoch: int, lr: float, pairs_per_s: float, logit_scale: float) -> dict:
+    """One log line: every loss term, lr, the batch modality gap, mean raw norms, logit scale, throughput."""
+    fi, ft = terms["_features"]
+    fin, ftn = torch.nn.functional.normalize(fi, dim=-1), torch.nn.functional.normalize(ft, dim=-1)
+    record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr}
+    record.update({k: float(v) for k, v in terms.items() if not k.startswith("_")})
+    record.update(gap=float((fin.mean(0) - ftn.mean(0)).norm()), image_norm=float(fi.norm(dim=-1).mean()),
+                  text_norm=float(ft.norm(dim=-1).mean()), logit_scale=logit_scale, pairs_per_s=pairs_per_s)
+    return record
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a killed run may have left some)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep = [line for line in lines if step > 0 and json.loads(line)["step"] <= step]
+    atomic_write(path, "".join(line + "\n" for line in keep))
+
+
+def read_log(run_dir: str | os.PathLike, kind: str = "train") -> list[dict]:
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if r["kind"] == kind]
+
+
+# ------------------------------------------------------------------------------------ entry point
+def refine(config: RunConfig, *, progress: bool = True, resume: bool = True) -> Path:
+    """Run post-pre-training as configured and return the run directory.
+
+    An existing run directory with the same configuration is resumed from its last checkpoint
+    (``resume=False`` refuses instead); a complete one (``summary.json``) is returned as is.
+    """
+    cfg = config.resolved()
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        previous = RunConfig.from_yaml(saved)
+        mismatch = [k for k in asdict(cfg) if k not in RESUMABLE_FIELDS and k != "extra"
+                    and getattr(previous, k) != getattr(cfg, k)]
+        if mismatch:
+            raise ConfigError(f"{run_dir} holds a run with a different configuration ({', '.join(mismatch)}); "
+                              "choose another run_name or output_dir")
+        if not resume:
+            raise ConfigError(f"{run_dir} exists; pass resume=True (CLI: --resume) to continue it")
+        if (run_dir / "summary.json").is_file():
+            return run_dir
+    _, world = world_info()
+    if world > 1 and cfg.run_name is None:
+        raise ConfigError("with several processes, set run_name so that every rank writes the same run")
+    refiner = Refiner(cfg, progress=progress)
+    if refiner.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(saved)
+        atomic_write_json(run_dir / "base.json", asdict(refiner.base.spec))
+    return refiner.run()
+
+
+def load_run_spec(run_dir: str | os.PathLike) -> ModelSpec:
+    """The starting model's spec recorded in a run directory."""
+    values = json.loads((Path(run_dir) / "base.json").read_text())
+    return ModelSpec(**values)
+
+
+def init_distributed_from_env() -> None:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,0 +1,461 @@
+"""Tests of the embedded synthetic world (clip_refine_lab.world), on the "micro" preset.
+
+The caption checker below is written independently of the caption generator: it only uses the
+exported vocabulary tables, parses a caption into claims (noun phrases with count/size/colour/shape,
+positions, relations, background, total counts) and checks them against the scene metadata.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_refine_lab import data
+from clip_refine_lab import world as W
+
+MICRO = W.WorldConfig.preset("micro")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The micro world, built once with a 2-process pool, in a private cache dir."""
+    cache = tmp_path_factory.mktemp("cache_a")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLIP_REFINE_LAB_CACHE", str(cache))
+        w = W.build_world(MICRO, progress=False, workers=2)
+    assert w.root.is_relative_to(cache)
+    return w
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every manifest and image of a world (world.json holds the build time, so it is left out)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != "world.json":
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+def _records(w: W.World, name: str):
+    return data.load_manifest(w.manifest(name)).records()
+
+
+# ------------------------------------------------------------------------------ caption checker
+FILLERS = {"a", "an", "the", "of", "in", "at", "on", "against", "with", "and", "corner",
+           "photo", "image", "rendering", "picture", "drawing"}
+
+
+def _phrase_table():
+    table = []  # (words, category, value)
+    for n, phrases in W.COUNT_WORDS.items():
+        table += [(tuple(p.split()), "count", n) for p in phrases]
+    for s, phrases in W.SIZE_WORDS.items():
+        table += [(tuple(p.split()), "size", s) for p in phrases]
+    for c, phrases in W.COLOUR_WORDS.items():
+        table += [(tuple(p.split()), "colour", c) for p in phrases]
+    for shape, forms in W.SHAPE_WORDS.items():
+        for sing, plur in forms:
+            table += [(tuple(sing.split()), "shape", (shape, False)), (tuple(plur.split()), "shape", (shape, True))]
+    for sing, plur in W.GENERIC_NOUNS:
+        table.append((tuple(sing.split()), "generic", False))
+        if plur:
+            table.append((tuple(plur.split()), "generic", True))
+    for cell, phrases in W.POSITION_WORDS.items():
+        table += [(tuple(p.split()), "pos", tuple(cell)) for p in phrases]
+    for rel, phrases in W.RELATION_WORDS.items():
+        table += [(tuple(p.split()), "rel", rel) for p in phrases]
+    for bg, phrases in W.BACKGROUND_WORDS.items():
+        table += [(tuple(p.split()), "bg", bg) for p in phrases]
+    seen = {}
+    for words, cat, val in table:  # the vocabulary itself must be unambiguous
+        assert seen.setdefault(words, (cat, val)) == (cat, val), f"ambiguous phrase {words}"
+    return sorted(table, key=lambda t: -len(t[0]))
+
+
+PHRASES = _phrase_table()
+
+
+def tokenize(caption: str) -> list[tuple[str, object]]:
+    words = caption.lower().replace(",", " ").replace(".", " ").replace(":", " ").split()
+    out, i = [], 0
+    while i < len(words):
+        for phrase, cat, val in PHRASES:
+            if tuple(words[i:i + len(phrase)]) == phrase:
+                out.append((cat, val))
+                i += len(phrase)
+                break
+        else:
+            assert words[i] in FILLERS, f"unknown word {words[i]!r} in caption {caption!r}"
+            i += 1
+    return out
+
+
+def parse(caption: str):
+    """-> (noun phrases, relations [(i, rel, j)], background claims)."""
+    nps, rels, bgs = [], [], []
+    pending: dict = {}
+    pending_rel = None
+
+    def close(shape=None, plural=False, generic=False):
+        nonlocal pending, pending_rel
+        np_ = {"count": pending.get("count"), "size": pending.get("size"), "colour": pending.get("colour"),
+               "shape": shape, "plural": plural, "generic": generic, "pos": None}
+        if pending_rel is not None:
+            rels.append((pending_rel[0], pending_rel[1], len(nps)))
+            pending_rel = None
+        nps.append(np_)
+        pending = {}
+
+    for cat, val in tokenize(caption):
+        if cat in ("count", "size", "colour"):
+            if cat in pending:  # "red and blue": a bare colour closes a phrase
+                close(generic=True)
+            pending[cat] = val
+        elif cat == "shape":
+            close(shape=val[0], plural=val[1])
+        elif cat == "generic":
+            close(plural=val, generic=True)
+        elif cat == "pos":
+            assert nps and not pending and nps[-1]["pos"] is None, f"dangling position in {caption!r}"
+            nps[-1]["pos"] = val
+        elif cat == "rel":
+            assert nps and not pending and pending_rel is None, f"dangling relation in {caption!r}"
+            pending_rel = (len(nps) - 1, val)
+        elif cat == "bg":
+            bgs.append(val)
+    if pending:
+        close(generic=True)
+    assert pending_rel is None, f"relation without an object in {caption!r}"
+    return nps, rels, bgs
+
+
+def _obj_matches(o, np_):
+    return ((np_["size"] is None or o["size"] == np_["size"]) and (np_["colour"] is None or o["colour"] == np_["colour"])
+            and (np_["shape"] is None or o["shape"] == np_["shape"])
+            and (np_["pos"] is None or tuple(o["cell"]) == np_["pos"]))
+
+
+def _rel_ok(rel, a, b):
+    (ra, ca), (rb, cb) = a["cell"], b["cell"]
+    return {"left": ca < cb, "right": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+
+
+def caption_true(caption: str, scene: dict, complete: bool = False) -> bool:
+    """Whether every claim of ``caption`` holds in ``scene`` (and, if ``complete``, it names every object)."""
+    nps, rels, bgs = parse(caption)
+    objs = scene["objects"]
+    if any(bg != scene["background"] for bg in bgs):
+        return False
+    slots = []  # np index per slot
+    for i, np_ in enumerate(nps):
+        attrs = any(np_[k] is not None for k in ("size", "colour", "shape", "pos"))
+        if np_["generic"] and np_["count"] is not None and not attrs:
+            if len(objs) != np_["count"]:  # "three shapes": the total number of objects
+                return False
+            continue
+        if np_["count"] is not None and sum(_obj_matches(o, np_) for o in objs) != np_["count"]:
+            return False  # "two red circles": exactly two
+        k = np_["count"] if np_["count"] is not None else (2 if np_["plural"] else 1)
+        slots += [i] * k
+    if complete and len(slots) != len(objs):
+        return False
+    for assign in itertools.permutations(range(len(objs)), len(slots)):
+        if not all(_obj_matches(objs[o], nps[i]) for o, i in zip(assign, slots)):
+            continue
+        first = {}
+        for o, i in zip(assign, slots):
+            first.setdefault(i, objs[o])
+        if all(_rel_ok(r, first[i], first[j]) for i, r, j in rels):
+            return True
+    return False
+
+
+def test_checker_sanity():
+    scene = {"background": "striped", "objects": [
+        {"shape": "circle", "colour": "red", "size": "large", "cell": [0, 0]},
+        {"shape": "star", "colour": "blue", "size": "small", "cell": [0, 2]}]}
+    assert caption_true("a red circle left of a blue star", scene, complete=True)
+    assert not caption_true("a red circle right of a blue star", scene)
+    assert caption_true("a big scarlet disc in the top left corner on a stripy background.", scene)
+    assert not caption_true("a big red disc in the centre", scene)
+    assert not caption_true("a red circle on a dotted background", scene)
+    assert caption_true("two shapes: a little blue star and a red round disc", scene, complete=True)
+    assert not caption_true("three shapes", scene)
+    assert caption_true("red and blue", scene) and not caption_true("red and green", scene)
+    assert not caption_true("two red circles", scene)
+    assert not caption_true("a red circle", scene, complete=True)
+    assert caption_true("a photo of a star", scene) and not caption_true("a star above a circle", scene)
+    with pytest.raises(AssertionError):
+        tokenize("a purple elephant")
+
+
+# ----------------------------------------------------------------------------------------- tests
+def test_determinism_parallel_serial_and_seed(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIP_REFINE_LAB_CACHE", str(tmp_path / "b"))
+    serial = W.build_world(MICRO, progress=False, workers=1)
+    assert serial.root != built.root and serial.root.name == built.root.name
+    a, b = _files(built.root), _files(serial.root)
+    assert a.keys() == b.keys() and len(a) > 3000
+    assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]][:5]
+
+    # a different seed gives a different world (checked on a tiny config to keep the test fast)
+    tiny = {"web_size": 20, "coco_size": 4, "retrieval_size": 4, "task_size": 3, "val_size": 2}
+    monkeypatch.setenv("CLIP_REFINE_LAB_CACHE", str(tmp_path / "c"))
+    same = _files(W.build_world(W.WorldConfig(**{**MICRO.to_dict(), **tiny}), progress=False, workers=1).root)
+    other = _files(W.build_world(W.WorldConfig(**{**MICRO.to_dict(), **tiny, "seed": 1}), progress=False, workers=1).root)
+    first = lambda files, name: files[name].splitlines()[0]  # noqa: E731
+    assert first(same, "synthetic-web.jsonl") == first(a, "synthetic-web.jsonl")  # size does not matter
+    assert same["images/shape/000000.png"] == a["images/shape/000000.png"]
+    assert first(other, "synthetic-web.jsonl") != first(a, "synthetic-web.jsonl")
+    assert other["images/shape/000000.png"] != a["images/shape/000000.png"]
+    assert sum(other[k] != same[k] for k in same) > 0.9 * len(same)
+
+
+def test_split_streams_are_independent():
+    """A split's records depend only on (seed, split, index), never on other splits or sizes."""
+    spec = {s.name: s for s in W.split_specs(MICRO)}
+    bigger = {s.name: s for s in W.split_specs(W.WorldConfig(**{**MICRO.to_dict(), "web_size": 900, "task_size": 7}))}
+    for name in ("synthetic-coco", "shape", "val/relation"):
+        for i in range(5):
+            assert W.make_record(MICRO, spec[name], i) == W.make_record(MICRO, bigger[name], i)
+
+
+def test_reuse_does_not_rebuild(built, monkeypatch):
+    monkeypatch.setenv("CLIP_REFINE_LAB_CACHE", str(built.root.parent.parent))
+    mtimes = {p: p.stat().st_mtime_ns for p in built.root.rglob("*.yaml")}
+
+    def boom(*a, **k):
+        raise AssertionError("the world was rebuilt")
+
+    monkeypatch.setattr(W, "render_scene", boom)
+    monkeypatch.setattr(W, "_build_into", boom)
+    again = W.build_world(MICRO, progress=False, workers=1)
+    assert again.root == built.root
+    assert {p: p.stat().st_mtime_ns for p in built.root.rglob("*.yaml")} == mtimes
+    assert not list(built.root.parent.glob(".*partial*"))
+
+
+def test_manifests_round_trip(built):
+    w = built
+    cfg = w.config
+    assert len(w.tasks) >= 10 + 3 and len(w.validation_tasks) == len(W.BASE_TASKS)
+    assert {"shape-sketch", "shape-noise", "shape-palette"} <= set(w.tasks)
+    assert not any(t.startswith("colour") and t.endswith("palette") for t in w.tasks)
+    sizes = {"synthetic-web": cfg.web_size, "synthetic-coco": cfg.coco_size, "synthetic-retrieval": cfg.retrieval_size}
+    ids = set()
+    total = 0
+    for name in w.names:
+        m = data.load_manifest(w.manifest(name))
+        assert not os.path.isabs(m.fields["root"])
+        recs = m.records()
+        if name in sizes:
+            assert m.kind == "captions" and len(recs) == sizes[name]
+            ncap = 1 if name == "synthetic-web" else 5
+            assert all(len(r.captions) == ncap for r in recs)
+            if ncap == 5:  # diverse: on average clearly more than 3 distinct captions per image
+                assert np.mean([len(set(r.captions)) for r in recs]) > 4.5
+        else:
+            assert m.kind == "classification"
+            assert len(recs) == (cfg.val_size if name.startswith("val/") else cfg.task_size)
+            assert m.classnames and len(set(m.classnames)) == len(m.classnames)
+            assert len(m.templates) >= 3 and all("{c}" in t for t in m.templates)
+            assert all(0 <= r.label < len(m.classnames) for r in recs)
+        for r in recs:
+            assert Path(r.image).is_file()
+            ids.add(r.id)
+        total += len(recs)
+    assert len(ids) == total
+    nclasses = {t: len(data.load_manifest(w.manifest(t)).classnames) for t in W.BASE_TASKS}
+    assert nclasses["shape"] >= 8 and nclasses["colour"] >= 8 and nclasses["position"] == 9
+    assert nclasses["shape-colour"] >= 64
+    with pytest.raises(KeyError, match="synthetic-coco"):
+        w.manifest("imagenet")
+
+
+def test_world_folder_can_move(built, tmp_path):
+    moved = tmp_path / "moved"
+    os.rename(built.root, moved)
+    try:
+        w = W.World.load(moved)
+        recs = _records(w, "val/shape")
+        assert all(Path(r.image).is_file() and str(r.image).startswith(str(moved)) for r in recs)
+    finally:
+        os.rename(moved, built.root)
+
+
+def test_captions_true_of_scenes(built):
+    w = built
+    for name in ("synthetic-web", "synthetic-coco", "synthetic-retrieval"):
+        for r in _records(w, name):
+            scene = r.meta["meta"]
+            for cap in r.captions:
+                assert len(cap.split()) <= W.MAX_CAPTION_WORDS, cap
+                noise = scene.get("noise", "clean")
+                if noise == "mismatched":
+                    tokenize(cap)  # still made of the world's vocabulary
+                    continue
+                assert caption_true(cap, scene, complete=(noise == "clean")), (r.id, cap, scene)
+
+
+def test_describe_true_on_many_scenes():
+    cfg = W.WorldConfig()
+    rng = np.random.default_rng(123)
+    for _ in range(1500):
+        scene = W.generate_scene(rng, cfg)
+        full, part = W.describe(scene, rng, "full"), W.describe(scene, rng, "partial")
+        assert caption_true(full, scene, complete=True), (full, scene)
+        assert caption_true(part, scene), (part, scene)
+        assert len(full.split()) <= W.MAX_CAPTION_WORDS and len(part.split()) <= W.MAX_CAPTION_WORDS
+
+
+def _check_label(task: str, classname: str, scene: dict) -> None:
+    objs = scene["objects"]
+    cells = [tuple(o["cell"]) for o in objs]
+    assert len(set(cells)) == len(cells)
+    if task in ("shape", "colour", "size", "position", "shape-colour"):
+        assert len(objs) == 1
+        o = objs[0]
+        value = {"shape": o["shape"], "colour": o["colour"], "size": o["size"],
+                 "position": W.POSITION_WORDS[tuple(o["cell"])][0], "shape-colour": f"{o['colour']} {o['shape']}"}[task]
+        assert value == classname
+    elif task == "count":
+        assert classname.split()[0] == ("one", "two", "three")[len(objs) - 1]
+    elif task == "background":
+        assert W.BACKGROUND_NAMES[scene["background"]] == classname
+    elif task == "relation":
+        red = [o for o in objs if o["colour"] == "red"]
+        blue = [o for o in objs if o["colour"] == "blue"]
+        assert len(objs) == 2 and len(red) == 1 and len(blue) == 1
+        holds = [r for r in ("left", "right", "above", "below") if _rel_ok(r, red[0], blue[0])]
+        assert len(holds) == 1
+        assert classname == f"red shape {W.RELATION_WORDS[holds[0]][0]} a blue shape"
+    elif task == "biggest-colour":
+        assert len(objs) == 2 and {o["size"] for o in objs} == {"small", "large"}
+        assert objs[0]["colour"] != objs[1]["colour"]
+        assert [o["colour"] for o in objs if o["size"] == "large"] == [classname]
+    elif task == "shape-pair":
+        assert len(objs) == 2 and objs[0]["shape"] != objs[1]["shape"]
+        assert {o["shape"] for o in objs} == set(classname.replace("a ", "").split(" and "))
+    elif task == "colour-pair":
+        assert len(objs) == 2 and objs[0]["colour"] != objs[1]["colour"]
+        assert {o["colour"] for o in objs} == set(classname.split(" and "))
+    else:
+        raise AssertionError(f"no check for task {task}")
+
+
+def test_classification_labels_agree_with_scenes(built):
+    w = built
+    for name in w.tasks + w.validation_tasks:
+        m = data.load_manifest(w.manifest(name))
+        task, style = m.fields["task"], m.fields["style"]
+        assert name in (task, f"{task}-{style}", f"val/{task}")
+        for r in m.records():
+            scene = r.meta["meta"]
+            assert scene.get("style", "normal") == style
+            _check_label(task, m.classnames[r.label], scene)
+
+
+def _near(px, rgb, tol):
+    return np.abs(px.astype(int) - np.asarray(rgb)).max(axis=-1) <= tol
+
+
+def _check_render(img: np.ndarray, scene: dict, size: int) -> None:
+    side = size / 3
+    colours = np.asarray(list(W.COLOURS.values()))
+    inside = np.zeros(img.shape[:2], bool)
+    for o in scene["objects"]:
+        r, c = o["cell"]
+        x0, y0, x1, y1 = o["bbox"]
+        assert c * side <= x0 < x1 <= (c + 1) * side and r * side <= y0 < y1 <= (r + 1) * side, o
+        cx, cy = o["centre"]
+        assert abs((x0 + x1) / 2 - cx) < 0.02 and abs((y0 + y1) / 2 - cy) < 0.02
+        rgb = W.COLOURS[o["colour"]]
+        if o["shape"] == "ring":  # hollow: probe the band, left and right of the centre
+            rad = (x1 - x0) / 2 * (W.RING_INNER + W.ROUND_RADIUS) / 2
+            probes = [(cx - rad, cy), (cx + rad, cy)]
+            tol = 60 if o["size"] == "large" and size >= 48 else None
+        else:
+            probes, tol = [(cx, cy)], 12
+        for px, py in probes:
+            pix = img[int(py), int(px)]
+            if tol is not None:
+                assert _near(pix, rgb, tol), (o, pix)
+            # the object's colour is always the nearest palette colour at its probe
+            assert np.argmin(np.abs(colours - pix.astype(int)).max(axis=1)) == W.COLOUR_NAMES.index(o["colour"]), (o, pix)
+        inside[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
+        assert _near(img[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))], rgb, 12).sum() >= 3
+    # nothing object-coloured outside the objects' boxes (the background is grey)
+    for rgb in W.COLOURS.values():
+        assert not (_near(img, rgb, 30) & ~inside).any()
+
+
+def test_render_truth_in_built_world(built):
+    for name in ("shape", "colour", "synthetic-coco"):
+        for r in _records(built, name)[:60]:
+            img = np.asarray(Image.open(r.image).convert("RGB"))
+            assert img.shape == (MICRO.image_size, MICRO.image_size, 3)
+            _check_render(img, r.meta["meta"], MICRO.image_size)
+
+
+def test_render_truth_default_size_all_shapes():
+    cfg = W.WorldConfig()
+    rng = np.random.default_rng(7)
+    for i in range(400):
+        shape = W.SHAPES[i % len(W.SHAPES)]
+        scene = W.make_scene(rng, cfg, [{"shape": shape}, {}, {}])
+        img = np.asarray(W.render_scene(scene, cfg.image_size, "normal", np.random.default_rng(i)))
+        _check_render(img, scene, cfg.image_size)
+
+
+def test_styles():
+    cfg = W.WorldConfig()
+    scene = W.make_scene(np.random.default_rng(0), cfg, [{"colour": "red", "shape": "square", "size": "large"}])
+    imgs = {s: np.asarray(W.render_scene(scene, 48, s, np.random.default_rng(1))) for s in W.STYLES}
+    sk = imgs["sketch"]
+    assert set(np.unique(sk[..., 0] == sk[..., 1])) == {True} and (sk == 255).mean() > 0.8  # grey lines on white
+    assert all(not np.array_equal(imgs["normal"], imgs[s]) for s in ("sketch", "noise", "palette"))
+    a = W.render_scene(scene, 48, "palette", np.random.default_rng(5))
+    b = W.render_scene(scene, 48, "palette", np.random.default_rng(5))
+    assert a.tobytes() == b.tobytes()
+    with pytest.raises(ValueError):
+        W.render_scene(scene, 48, "oil-painting")
+
+
+def test_web_noise_fractions(built):
+    cfg = W.WorldConfig()
+    spec = next(s for s in W.split_specs(cfg) if s.name == "synthetic-web")
+    noise = [W.make_record(cfg, spec, i)[0]["meta"]["noise"] for i in range(3000)]
+    assert abs(noise.count("mismatched") / 3000 - cfg.web_mismatch) < 0.025
+    assert abs(noise.count("partial") / 3000 - cfg.web_partial) < 0.025
+    micro = [r.meta["meta"]["noise"] for r in _records(built, "synthetic-web")]
+    assert abs(micro.count("mismatched") / len(micro) - 0.2) < 0.06
+    assert abs(micro.count("partial") / len(micro) - 0.3) < 0.07
+    # mismatched captions are (mostly) false of their own scene
+    recs = [r for r in _records(built, "synthetic-web") if r.meta["meta"]["noise"] == "mismatched"]
+    false = sum(not caption_true(r.captions[0], r.meta["meta"]) for r in recs)
+    assert false / len(recs) > 0.6
+
+
+def test_web_captions_mention_task_attributes(built):
+    """Learnability: the pre-training captions talk about what the tasks ask."""
+    caps = [r.captions[0] for r in _records(built, "synthetic-web")]
+    cats = [{c for c, _ in tokenize(cap)} for cap in caps]
+    for cat, least in (("shape", 0.6), ("colour", 0.6), ("size", 0.2), ("pos", 0.15), ("count", 0.1), ("bg", 0.1), ("rel", 0.05)):
+        frac = np.mean([cat in c for c in cats])
+        assert frac >= least, (cat, frac)
+
+
+def test_world_json_and_presets(built):
+    info = json.loads((built.root / "world.json").read_text())
+    assert info["version"] == W.WORLD_VERSION and info["config"] == MICRO.to_dict()
+    assert built.root.name == W.stable_hash({"version": W.WORLD_VERSION, "config": MICRO.to_dict()})
+    assert W.WorldConfig.preset("default") == W.WorldConfig()
+    with pytest.raises(KeyError):
+        W.WorldConfig.preset("huge")
