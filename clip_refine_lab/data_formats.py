@@ -63,7 +63,7 @@ LOCATOR_SEP = "::"
 
 # Fields every manifest may carry, whatever its format.
 COMMON_FIELDS = ("name", "kind", "format", "root", "source", "layout", "description", "notes", "license",
-                 "citation", "homepage", "classnames", "templates")
+                 "citation", "homepage", "classnames", "templates", "filtered_from", "filter")
 
 
 @dataclass(frozen=True)
@@ -576,6 +576,19 @@ class _ClassMatcher:
         return label
 
 
+def _remap_split_path(root: Path, rel: str, folder_names: dict) -> str:
+    """A split list may name a class folder differently from the disk (UCF-101's testlist says
+    ``ApplyEyeMakeup/...``, CoOp's middle-frame folders are ``Apply_Eye_Makeup``): when the listed
+    top folder does not exist, use the existing folder with the same letters and digits."""
+    if "/" not in rel:
+        return rel
+    top, rest = rel.split("/", 1)
+    if not folder_names or top in folder_names.get("", ()):  # "" holds the set of existing names
+        return rel
+    other = folder_names.get(_norm(top))
+    return f"{other}/{rest}" if other else rel
+
+
 def scan_imagefolder(manifest: Manifest) -> ImageFolderScan:
     """Read an ``imagefolder`` manifest without raising on folders that match no class."""
     root = manifest.root
@@ -588,12 +601,19 @@ def scan_imagefolder(manifest: Manifest) -> ImageFolderScan:
     if split is not None:
         if not split.is_file():
             raise ManifestError(f"{manifest.path}: field 'split_file': file not found: {split}")
+        folder_names: dict = {}
+        if root.is_dir():
+            existing = {e.name for e in os.scandir(root) if e.is_dir()}
+            for name in existing:
+                n = _norm(name)
+                folder_names[n] = None if n in folder_names else name  # None: ambiguous
+            folder_names[""] = existing
         for lineno, line in _read_lines(split):
             rel = line.strip().split()[0].lstrip("/")
             if split_ext:
                 ext = split_ext if split_ext.startswith(".") else "." + split_ext
                 rel = str(Path(rel).with_suffix(ext)) if Path(rel).suffix.lower() not in exts else rel
-            entries.append((rel, f"{split}:{lineno}"))
+            entries.append((_remap_split_path(root, rel, folder_names), f"{split}:{lineno}"))
     else:
         if not root.is_dir():
             raise ManifestError(f"{manifest.path}: field 'root': folder not found: {root}")
@@ -629,8 +649,11 @@ def read_imagefolder(manifest: Manifest) -> list[ClassificationRecord]:
     dropping everything but letters and digits (``apple_pie`` = ``apple pie``, ``ApplyEyeMakeup`` =
     ``Apply Eye Makeup``), one-letter parent folders ignored (SUN397's ``a/abbey``).
     ``split_file`` restricts the records to a list of image paths relative to ``root`` (DTD's
-    labels/test1.txt, Food-101's meta/test.txt); ``split_ext`` gives listed names without (or with
-    another) extension one (``.jpg``). ``ignore_folders`` lists folder keys to skip; ``extensions``
+    labels/test1.txt, Food-101's meta/test.txt, UCF-101's testlist01.txt; only the first
+    whitespace-separated token of a line is used, a leading ``/`` is dropped); ``split_ext`` gives
+    listed names without (or with another) extension one (``.jpg``, replacing UCF-101's ``.avi``).
+    A listed top folder that does not exist is matched to an existing folder with the same letters
+    and digits (``ApplyEyeMakeup`` -> ``Apply_Eye_Makeup``). ``ignore_folders`` lists folder keys to skip; ``extensions``
     the image file extensions walked (default common image types).
     An image in a folder matching no class is an error naming the folder: silently dropping images
     would change the accuracy.

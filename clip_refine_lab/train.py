@@ -255,8 +255,8 @@ class Refiner:
             # one lambda ~ Beta(beta, beta) per batch, drawn through the step generator (inverse CDF)
             extras["lam"] = beta_inverse_cdf(cfg.m2_beta, float(torch.rand((), generator=gen)))
         model = self.model
-        scale = model.logit_scale.exp()
         if not train:
+            scale = model.logit_scale.exp()
             with torch.no_grad(), self.autocast():
                 fi, ft = gather_features(model.encode_image(images).float(), model.encode_text(tokens).float())
                 return {k: v.detach() for k, v in loss_terms(method, cfg, fi, ft, logit_scale=scale, **extras).items()} | {
@@ -277,7 +277,10 @@ class Refiner:
             else:
                 fi_local, ft_local = fi_j, ft_j
             fi, ft = gather_features(fi_local, ft_local)
-            terms = loss_terms(method, cfg, fi, ft, logit_scale=model.logit_scale.exp(), **extras)
+            # The logit scale enters the loss directly, not through the micro-batch's features:
+            # let only the first micro-step carry its gradient, or it would be counted accum_steps times.
+            scale = model.logit_scale.exp() if j == 0 else model.logit_scale.exp().detach()
+            terms = loss_terms(method, cfg, fi, ft, logit_scale=scale, **extras)
             bad = [k for k, v in terms.items() if not torch.isfinite(v)]
             if bad:
                 raise NonFiniteLossError(

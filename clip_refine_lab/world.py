@@ -575,7 +575,17 @@ def describe(scene: dict, rng: np.random.Generator, detail: str = "full") -> str
         return _partial_caption(scene, rng)
     if detail != "full":
         raise ValueError(f"detail must be 'full' or 'partial', got {detail!r}")
-    p_size, p_pos, p_bg = 0.6, 0.6, 0.35
+    return _describe_full(scene, rng, WEB_DETAIL)
+
+
+#: Probabilities that a full caption mentions an object's size, an object's position (or a
+#: relation is used instead) and the background: web alt-text is terser than COCO-style captions.
+WEB_DETAIL = (0.6, 0.6, 0.35)
+COCO_DETAIL = (0.8, 0.75, 0.5)
+
+
+def _describe_full(scene: dict, rng: np.random.Generator, detail: tuple[float, float, float]) -> str:
+    p_size, p_pos, p_bg = detail
     for _ in range(50):
         text = _full_caption(scene, rng, p_size, p_pos, p_bg)
         if len(text.split()) <= MAX_CAPTION_WORDS:
@@ -589,13 +599,13 @@ def caption_set(scene: dict, rng: np.random.Generator, k: int = 5) -> list[str]:
     """``k`` full captions of ``scene``, distinct where possible (the COCO-style caption set)."""
     caps: list[str] = []
     for _ in range(20 * k):
-        c = describe(scene, rng, "full")
+        c = _describe_full(scene, rng, COCO_DETAIL)
         if c not in caps:
             caps.append(c)
         if len(caps) == k:
             return caps
     while len(caps) < k:
-        caps.append(describe(scene, rng, "full"))
+        caps.append(_describe_full(scene, rng, COCO_DETAIL))
     return caps
 
 
@@ -854,7 +864,9 @@ def build_world(config: WorldConfig | None = None, *, progress: bool = True, wor
     Images and manifests are written to a private staging folder that is renamed to
     ``cache_dir()/world/<hash>`` once ``world.json`` (the completion mark) is in it, so a crash
     never leaves a half world where a complete one is expected. ``workers > 1`` renders with a
-    process pool (same bytes as serial).
+    process pool (same bytes as serial). The pool uses the "spawn" start method (safe with torch
+    threads in the parent), so a script that calls this with ``workers > 1`` needs the usual
+    ``if __name__ == "__main__":`` guard.
     """
     config = config or WorldConfig()
     final = world_root(config)

@@ -98,7 +98,7 @@ def test_uniformity_pair_set_is_distinct_pairs():
     """The vectors use the distinct pairs i < j (torch.pdist), not all N² pairs incl. self-pairs."""
     case = CASES[0]
     pooled = torch.cat([f64(case["student_image"]), f64(case["student_text"])])
-    log_pdist, rbf_pdist = direct_uniformity_pdist(pooled)
+    _, rbf_pdist = direct_uniformity_pdist(pooled)
     assert rbf_pdist == pytest.approx(case["metrics"]["uniformity_rbf"], rel=REL)
     u = unit(pooled)
     all_pairs = (u[:, None] - u[None]).pow(2).sum(-1).mul(-2).exp().mean().item()

@@ -1,0 +1,622 @@
+"""Data check and leakage check for manifests.
+
+* :func:`check_manifest` reads a manifest and every record and image, and reports problems by kind
+  (missing files, corrupt images, empty captions, duplicate ids, labels out of range, class folders
+  that match no class, classes without images, ...), with counts and the first offenders located by
+  ``file:line`` or JSON record index. :func:`run_data_check` prints it and returns an exit code
+  (the CLI's ``clip-refine-lab data check MANIFEST``).
+* :func:`validate_manifest_fields` checks a manifest's fields against the schema of its format
+  (:data:`clip_refine_lab.data_formats.FORMAT_SPECS`): required and unknown fields, types.
+* :func:`is_readable` tells whether one record can be used (for the trainer's ``on_bad_sample: skip``).
+* :func:`leakage_report` finds evaluation images that are also in a training set, by image id
+  (COCO ids parsed from file names, so ``COCO_val2014_000000123456.jpg`` and ``000000123456.jpg``
+  are the same image; Flickr photo ids in Flickr manifests) and by content (sha256 of the file bytes,
+  cached per manifest under ``utils.cache_dir()/hashes/`` keyed by path, size and mtime). The
+  classic case: the Karpathy COCO test split comes from val2014, most of which is inside train2017.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .data import KINDS, CaptionRecord, ClassificationRecord, Manifest, ManifestError, Record, get_reader, load_manifest
+from .data_formats import (
+    COMMON_FIELDS,
+    FORMAT_SPECS,
+    read_image_bytes,
+    scan_imagefolder,
+    split_locator,
+)
+from .utils import atomic_write_json, cache_dir, stable_hash
+
+# kind -> (severity, what it means)
+PROBLEM_KINDS: dict[str, tuple[str, str]] = {
+    "schema": ("error", "manifest fields do not match the format's schema"),
+    "structure": ("error", "the records could not be read (the reader stopped here)"),
+    "no_records": ("error", "the manifest yields no records"),
+    "missing_file": ("error", "image file not found"),
+    "unreadable_image": ("error", "image cannot be opened or decoded (corrupt or truncated)"),
+    "no_captions": ("error", "record has no caption"),
+    "empty_caption": ("error", "caption is empty or blank"),
+    "non_text_caption": ("error", "caption is not a string"),
+    "duplicate_id": ("error", "record id used more than once"),
+    "label_out_of_range": ("error", "label is not a valid class index"),
+    "unknown_class_folder": ("error", "image folder matches no class of 'classnames'"),
+    "class_without_images": ("warning", "class of 'classnames' has no images"),
+    "duplicate_image": ("warning", "the same image file is used by several records"),
+}
+
+
+@dataclass
+class Offender:
+    where: str  # "file:line", "file: images[3]", ...
+    record_id: str | None
+    detail: str
+
+    def format(self) -> str:
+        rid = f" [id {self.record_id}]" if self.record_id is not None else ""
+        return f"{self.where}{rid}: {self.detail}"
+
+
+@dataclass
+class Problem:
+    kind: str
+    severity: str
+    description: str
+    count: int = 0
+    offenders: list[Offender] = field(default_factory=list)
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_manifest` found. ``ok`` is True when there is no error (warnings allowed)."""
+
+    manifest: str
+    name: str = ""
+    kind: str = ""
+    format_name: str = ""
+    num_records: int = 0
+    num_images_checked: int = 0
+    problems: "OrderedDict[str, Problem]" = field(default_factory=OrderedDict)
+    max_offenders: int = 20
+
+    def add(self, kind: str, where: str, record_id: str | None, detail: str) -> None:
+        severity, description = PROBLEM_KINDS[kind]
+        p = self.problems.get(kind)
+        if p is None:
+            p = self.problems[kind] = Problem(kind, severity, description)
+        p.count += 1
+        if len(p.offenders) < self.max_offenders:
+            p.offenders.append(Offender(where, record_id, detail))
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems.values() if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems.values() if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def counts(self) -> dict[str, int]:
+        return {k: p.count for k, p in self.problems.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "manifest": self.manifest, "name": self.name, "kind": self.kind, "format": self.format_name,
+            "num_records": self.num_records, "num_images_checked": self.num_images_checked, "ok": self.ok,
+            "problems": {k: {"severity": p.severity, "description": p.description, "count": p.count,
+                             "offenders": [o.__dict__ for o in p.offenders]} for k, p in self.problems.items()},
+        }
+
+    def format(self) -> str:
+        head = f"Data check of {self.name or '?'} ({self.manifest})"
+        lines = [head, f"  format {self.format_name or '?'}, kind {self.kind or '?'}: {self.num_records:,} records, "
+                        f"{self.num_images_checked:,} images checked"]
+        for title, group in (("ERRORS", self.errors), ("WARNINGS", self.warnings)):
+            if not group:
+                continue
+            lines.append(f"  {title}")
+            for p in group:
+                lines.append(f"    {p.kind}: {p.count:,} ({p.description})")
+                for o in p.offenders:
+                    lines.append(f"      - {o.format()}")
+                if p.count > len(p.offenders):
+                    lines.append(f"      ... and {p.count - len(p.offenders):,} more")
+        if self.ok:
+            lines.append("  OK" + (f" ({sum(p.count for p in self.warnings):,} warnings)" if self.warnings else ""))
+        else:
+            n = sum(p.count for p in self.errors)
+            lines.append(f"  FAILED: {n:,} error(s) of {len(self.errors)} kind(s); fix them or drop those records "
+                         f"(the trainer skips unreadable samples with on_bad_sample: skip)")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ schema
+def validate_manifest_fields(fields: Any) -> list[str]:
+    """Problems with a manifest's fields (empty list if none): required, unknown and mistyped fields.
+
+    Checks the common fields (name, kind, format, root, records, classnames, templates, source,
+    layout, ...) and the fields of the format named by ``format`` (see FORMAT_SPECS).
+    """
+    if not isinstance(fields, dict):
+        return [f"expected a mapping of fields, got {type(fields).__name__}"]
+    out: list[str] = []
+    for key in ("name", "kind", "format"):
+        if key not in fields:
+            out.append(f"missing field '{key}'")
+    for key in ("name", "format", "root", "records", "source", "layout", "description", "notes"):
+        if key in fields and not isinstance(fields[key], str):
+            out.append(f"field '{key}' must be a string, got {type(fields[key]).__name__}")
+    if isinstance(fields.get("name"), str) and not fields["name"].strip():
+        out.append("field 'name' is empty")
+    kind = fields.get("kind")
+    if "kind" in fields and kind not in KINDS:
+        out.append(f"field 'kind' must be one of {list(KINDS)}, got {kind!r}")
+    fmt = fields.get("format")
+    spec = FORMAT_SPECS.get(fmt) if isinstance(fmt, str) else None
+    if "format" in fields and spec is None:
+        out.append(f"unknown format {fmt!r}; known formats: {', '.join(sorted(FORMAT_SPECS))}")
+    if spec is not None:
+        if kind in KINDS and kind not in spec.kinds:
+            out.append(f"format '{fmt}' holds {' or '.join(spec.kinds)} data, not kind '{kind}'")
+        for key in spec.required:
+            if key not in fields:
+                out.append(f"missing field '{key}' (required by format '{fmt}')")
+        known = set(COMMON_FIELDS) | {"records"} | set(spec.required) | set(spec.optional)
+        for key in fields:
+            if key not in known:
+                out.append(f"unknown field '{key}' for format '{fmt}' (known: {', '.join(sorted(known))})")
+    out.extend(_check_types(fields))
+    if kind == "classification":
+        names = fields.get("classnames")
+        if names is None:
+            out.append("field 'classnames' is required for classification manifests")
+        elif not isinstance(names, list) or not names or not all(isinstance(c, str) and c.strip() for c in names):
+            out.append("field 'classnames' must be a non-empty list of non-empty strings")
+        # Repeated names are allowed: OpenAI's ImageNet list has two 'missile' and two 'sunglasses'
+        # classes (different WordNet ids); 'class_folders' or the labels tell them apart.
+        templates = fields.get("templates")
+        if templates is not None:
+            if not isinstance(templates, list) or not templates:
+                out.append("field 'templates' must be a non-empty list of strings")
+            else:
+                for i, t in enumerate(templates):
+                    if not isinstance(t, str) or "{c}" not in t:
+                        out.append(f"field 'templates' item {i} must be a string containing '{{c}}', got {t!r}")
+        folders = fields.get("class_folders")
+        if isinstance(folders, list) and isinstance(names, list) and len(folders) != len(names):
+            out.append(f"field 'class_folders' has {len(folders)} entries, 'classnames' {len(names)}")
+    elif kind == "captions":
+        for key in ("classnames", "templates"):
+            if key in fields:
+                out.append(f"field '{key}' is for classification manifests, not captions")
+    return out
+
+
+def _check_types(f: dict) -> list[str]:
+    out = []
+
+    def is_str_list(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    if "split" in f and not (isinstance(f["split"], str) or is_str_list(f["split"])):
+        out.append("field 'split' must be a string or a list of strings")
+    for key in ("split_file", "split_ext", "image_pattern", "delimiter", "caption_ext", "label_ext"):
+        if key in f and not isinstance(f[key], str):
+            out.append(f"field '{key}' must be a string")
+    if "image_pattern" in f and isinstance(f["image_pattern"], str) and "{}" not in f["image_pattern"]:
+        out.append("field 'image_pattern' must contain '{}' (the image column's value), e.g. '{}.jpg'")
+    for key in ("image_column", "label_column", "index_base", "maxsplit"):
+        if key in f and (isinstance(f[key], bool) or not isinstance(f[key], int)):
+            out.append(f"field '{key}' must be an integer")
+    if "label_by" in f and f["label_by"] not in ("auto", "index", "name"):
+        out.append(f"field 'label_by' must be auto, index or name, got {f['label_by']!r}")
+    if "columns" in f:
+        cols = f["columns"]
+        if not isinstance(cols, dict):
+            out.append("field 'columns' must be a mapping, e.g. {image: filepath, caption: title}")
+        else:
+            for role, col in cols.items():
+                if role not in ("id", "image", "caption", "captions", "label"):
+                    out.append(f"field 'columns': unknown role {role!r} (use id, image, caption, label)")
+                elif not (isinstance(col, str) or (role in ("caption", "captions") and is_str_list(col))):
+                    out.append(f"field 'columns.{role}' must be a column name"
+                               + (" or a list of names" if role.startswith("caption") else ""))
+    if "shards" in f and not (isinstance(f["shards"], str) or (is_str_list(f["shards"]) and f["shards"])):
+        out.append("field 'shards' must be a string (brace pattern) or a non-empty list of strings")
+    for key in ("image_ext", "extensions", "ignore_folders"):
+        if key in f and not (isinstance(f[key], str) or is_str_list(f[key])):
+            out.append(f"field '{key}' must be a string or a list of strings")
+    if "class_folders" in f and not (f["class_folders"] == "index" or is_str_list(f["class_folders"])):
+        out.append("field 'class_folders' must be a list of folder names (one per class) or 'index'")
+    return out
+
+
+# -------------------------------------------------------------------------------------- image check
+def image_problem(locator: str) -> tuple[str, str] | None:
+    """None if the image opens and decodes, else (problem kind, detail)."""
+    from PIL import Image
+
+    path, member = split_locator(locator)
+    try:
+        if member is None:
+            if not os.path.isfile(path):
+                return "missing_file", f"no such file: {path}"
+            src: Any = path
+        else:
+            try:
+                import io
+
+                src = io.BytesIO(read_image_bytes(locator))
+            except ManifestError as e:
+                return "missing_file", str(e)
+        with Image.open(src) as im:
+            im.verify()
+        if hasattr(src, "seek"):
+            src.seek(0)
+        with Image.open(src) as im:
+            im.load()
+    except Exception as e:  # PIL: UnidentifiedImageError, OSError (truncated), SyntaxError, ValueError, ...
+        return "unreadable_image", f"{type(e).__name__}: {e}"
+    return None
+
+
+def is_readable(record: Record) -> str | None:
+    """None if ``record`` can be used (image decodes; a caption record has a non-empty text caption;
+    a classification label is a non-negative int), else a one-line description of the problem."""
+    if isinstance(record, CaptionRecord):
+        caps = record.captions
+        if not caps:
+            return "no captions"
+        if not any(isinstance(c, str) and c.strip() for c in caps):
+            return "no non-empty text caption"
+    elif isinstance(record, ClassificationRecord):
+        if isinstance(record.label, bool) or not isinstance(record.label, int) or record.label < 0:
+            return f"invalid label {record.label!r}"
+    problem = image_problem(record.image)
+    return None if problem is None else f"{problem[0].replace('_', ' ')}: {problem[1]}"
+
+
+# -------------------------------------------------------------------------------------- data check
+def _iter_progress(it: Iterable, progress: bool, total: int | None, desc: str):
+    if not progress:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+
+def check_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None = None, max_offenders: int = 20,
+                   progress: bool = True, *, check_images: bool = True, workers: int | None = None) -> CheckReport:
+    """Check a manifest, its records and its images; never raises for data problems.
+
+    Reports (see PROBLEM_KINDS): schema problems, reader errors (the reader's ManifestError names
+    file and line/record), missing and unreadable images (open + verify + full decode), records
+    without captions, empty or non-text captions, duplicate ids, labels outside 0..num_classes-1,
+    image folders matching no class (imagefolder), classes without images (warning) and image files
+    used by several records (warning). Each problem keeps a count and the first ``max_offenders``
+    offenders with their location (``record.source``: "file:line" or "file: images[i]").
+    ``check_images=False`` skips opening images; ``workers`` threads decode images (default: up to 8).
+    """
+    report = CheckReport(str(path), max_offenders=max_offenders)
+    try:
+        manifest = load_manifest(path, data_root=data_root)
+    except ManifestError as e:
+        try:
+            import yaml
+
+            fields = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            for msg in validate_manifest_fields(fields):
+                report.add("schema", str(path), None, msg)
+        except Exception:
+            pass
+        report.add("structure", str(path), None, str(e))
+        return report
+    report.name, report.kind, report.format_name = manifest.name, manifest.kind, manifest.format
+    for msg in validate_manifest_fields(manifest.fields):
+        report.add("schema", str(manifest.path), None, msg)
+
+    records: list[Record] = []
+    try:
+        if manifest.format == "imagefolder":
+            scan = scan_imagefolder(manifest)
+            records = list(scan.records)
+            for key, n in sorted(scan.unknown_folders.items()):
+                report.add("unknown_class_folder", scan.unknown_examples[key], None,
+                           f"folder {key!r} ({n:,} images) matches no class; map it with 'class_folders' or "
+                           f"list it in 'ignore_folders'")
+        else:
+            for rec in get_reader(manifest.format)(manifest):
+                records.append(rec)
+    except ManifestError as e:
+        report.add("structure", str(manifest.path), None, str(e))
+    except Exception as e:  # a reader bug or an unexpected file: still report, do not crash the check
+        report.add("structure", str(manifest.path), None, f"{type(e).__name__}: {e}")
+    report.num_records = len(records)
+    if not records and "structure" not in report.problems:
+        report.add("no_records", str(manifest.path), None, "no records (check 'root', 'records', 'split' and the layout)")
+
+    _check_records(manifest, records, report)
+    if check_images and records:
+        _check_images(records, report, progress, workers)
+    return report
+
+
+def _check_records(manifest: Manifest, records: Sequence[Record], report: CheckReport) -> None:
+    first_seen: dict[str, str] = {}
+    image_seen: dict[str, str] = {}
+    n_classes = len(manifest.classnames) if manifest.classnames else None
+    label_counts: Counter = Counter()
+    for rec in records:
+        if rec.id in first_seen:
+            report.add("duplicate_id", rec.source, rec.id, f"id {rec.id!r} already used at {first_seen[rec.id]}")
+        else:
+            first_seen[rec.id] = rec.source
+        if rec.image in image_seen:
+            report.add("duplicate_image", rec.source, rec.id, f"{rec.image} is also used at {image_seen[rec.image]}")
+        else:
+            image_seen[rec.image] = rec.source
+        if isinstance(rec, CaptionRecord):
+            sources = rec.meta.get("caption_sources") or []
+            if not rec.captions:
+                report.add("no_captions", rec.source, rec.id, f"image {rec.image} has no caption")
+            for k, cap in enumerate(rec.captions):
+                where = sources[k] if k < len(sources) else rec.source
+                if not isinstance(cap, str):
+                    report.add("non_text_caption", where, rec.id, f"caption {k} is {type(cap).__name__} {cap!r:.60}")
+                elif not cap.strip():
+                    report.add("empty_caption", where, rec.id, f"caption {k} is {'empty' if not cap else 'blank'}")
+        else:
+            label = rec.label
+            bad = isinstance(label, bool) or not isinstance(label, int) or label < 0 or (
+                n_classes is not None and label >= n_classes)
+            if bad:
+                rng = f"0..{n_classes - 1}" if n_classes else "a non-negative integer"
+                report.add("label_out_of_range", rec.source, rec.id, f"label {label!r} is outside {rng}")
+            else:
+                label_counts[label] += 1
+    if manifest.kind == "classification" and manifest.classnames and records:
+        for i, name in enumerate(manifest.classnames):
+            if label_counts[i] == 0:
+                report.add("class_without_images", str(manifest.path), None, f"class {i} {name!r} has no images")
+
+
+def _check_images(records: Sequence[Record], report: CheckReport, progress: bool, workers: int | None) -> None:
+    unique: "OrderedDict[str, Record]" = OrderedDict()
+    for rec in records:
+        unique.setdefault(rec.image, rec)
+    workers = workers or min(8, (os.cpu_count() or 2))
+    items = list(unique.items())
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda it: image_problem(it[0]), items, chunksize=16)
+        for (image, rec), problem in _iter_progress(zip(items, results), progress, len(items), "checking images"):
+            report.num_images_checked += 1
+            if problem is not None:
+                report.add(problem[0], rec.source, rec.id, f"{image}: {problem[1]}")
+
+
+def run_data_check(path: str | os.PathLike, data_root: str | os.PathLike | None = None, *, progress: bool = True,
+                   file=None) -> int:
+    """Print the data check report of ``path``; return 0 if it has no errors, 1 otherwise."""
+    report = check_manifest(path, data_root=data_root, progress=progress)
+    print(report.format(), file=file or sys.stdout)
+    return 0 if report.ok else 1
+
+
+# ----------------------------------------------------------------------------------------- leakage
+_COCO_NAME = re.compile(r"^(?:COCO_[A-Za-z]+\d{4}_)?(\d{12})\.(?:jpe?g|png)$", re.I)
+_FLICKR_NAME = re.compile(r"^(\d{4,})(?:_[0-9a-f]+)?\.jpe?g$", re.I)
+
+
+def _is_flickr_manifest(manifest: Manifest) -> bool:
+    if manifest.format == "flickr8k":
+        return True
+    text = " ".join(str(x) for x in (manifest.name, manifest.fields.get("records", ""), manifest.fields.get("root", "")))
+    return "flickr" in text.lower()
+
+
+def image_identity(record: Record, flickr: bool = False) -> str | None:
+    """A data-set-independent id of a record's image: ``coco:<id>`` from COCO file names (2014 and 2017
+    namings agree) or the reader's ``coco_id``; with ``flickr=True``, ``flickr:<photo id>`` from
+    Flickr file names (``1000092795.jpg``, Flickr8k's ``1000268201_693b08cb0e.jpg``). None otherwise."""
+    coco_id = record.meta.get("coco_id") if record.meta else None
+    if isinstance(coco_id, int) and not isinstance(coco_id, bool):
+        return f"coco:{coco_id}"
+    path, member = split_locator(record.image)
+    name = os.path.basename(member if member is not None else path)
+    m = _COCO_NAME.match(name)
+    if m:
+        return f"coco:{int(m.group(1))}"
+    if flickr:
+        m = _FLICKR_NAME.match(name)
+        if m:
+            return f"flickr:{int(m.group(1))}"
+    return None
+
+
+def _hash_cache_path(manifest: Manifest) -> Path:
+    key = stable_hash({"manifest": str(Path(manifest.path).resolve()), "root": str(manifest.root)})
+    return cache_dir() / "hashes" / f"{key}.json"
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def image_hashes(manifest: Manifest, records: Sequence[Record], progress: bool = False,
+                 save_every: int = 5000) -> dict[str, str]:
+    """sha256 of each record's image bytes (missing images left out), cached per manifest under
+    ``cache_dir()/hashes/`` keyed by image path (or shard::member), file size and mtime."""
+    cache_file = _hash_cache_path(manifest)
+    entries: dict[str, list] = {}
+    if cache_file.is_file():
+        try:
+            entries = json.loads(cache_file.read_text(encoding="utf-8")).get("entries", {})
+        except (ValueError, OSError):
+            entries = {}
+    out: dict[str, str] = {}
+    dirty = 0
+    images = list(OrderedDict.fromkeys(r.image for r in records))
+    for image in _iter_progress(images, progress, len(images), f"hashing {manifest.name}"):
+        path, _ = split_locator(image)
+        stamp = _file_stamp(path)
+        if stamp is None:
+            continue
+        hit = entries.get(image)
+        if hit and hit[0] == stamp[0] and hit[1] == stamp[1]:
+            out[image] = hit[2]
+            continue
+        try:
+            digest = hashlib.sha256(read_image_bytes(image)).hexdigest()
+        except ManifestError:
+            continue
+        entries[image] = [stamp[0], stamp[1], digest]
+        out[image] = digest
+        dirty += 1
+        if dirty >= save_every:
+            atomic_write_json(cache_file, {"manifest": str(manifest.path), "entries": entries})
+            dirty = 0
+    if dirty:
+        atomic_write_json(cache_file, {"manifest": str(manifest.path), "entries": entries})
+    return out
+
+
+@dataclass
+class EvalOverlap:
+    """Overlap of one evaluation set with the training set."""
+
+    name: str
+    manifest: str
+    num_images: int
+    overlap: int  # eval images found in the train set by id or by content
+    overlap_by_id: int
+    overlap_by_hash: int
+    examples: list[tuple[str, str, str]] = field(default_factory=list)  # (eval image, train image, "id coco:..."/"sha256")
+
+    @property
+    def fraction(self) -> float:
+        return self.overlap / self.num_images if self.num_images else 0.0
+
+    def warning(self, train_name: str) -> str | None:
+        if not self.overlap:
+            return None
+        return (f"LEAKAGE: {self.name} overlaps {train_name}: {self.overlap:,} of {self.num_images:,} images "
+                f"({100 * self.fraction:.1f}%) are also in the training set ({self.overlap_by_id:,} by image id, "
+                f"{self.overlap_by_hash:,} by identical file content). Results on {self.name} are inflated for a "
+                f"model trained on {train_name}; evaluate on a disjoint set (after COCO train2017, use COCO 2017 "
+                f"val, not the Karpathy test split drawn from val2014).")
+
+
+@dataclass
+class LeakageReport:
+    train_name: str
+    train_manifest: str
+    num_train_images: int
+    hash_images: bool
+    evals: list[EvalOverlap] = field(default_factory=list)
+
+    @property
+    def leaks(self) -> bool:
+        return any(e.overlap for e in self.evals)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for e in self.evals if (w := e.warning(self.train_name))]
+
+    def to_dict(self) -> dict:
+        return {"train": self.train_name, "train_manifest": self.train_manifest,
+                "num_train_images": self.num_train_images, "hash_images": self.hash_images,
+                "evals": [{"name": e.name, "manifest": e.manifest, "num_images": e.num_images, "overlap": e.overlap,
+                           "overlap_by_id": e.overlap_by_id, "overlap_by_hash": e.overlap_by_hash,
+                           "fraction": e.fraction, "examples": e.examples, "warning": e.warning(self.train_name)}
+                          for e in self.evals]}
+
+    def format(self) -> str:
+        how = "image ids and file content (sha256)" if self.hash_images else "image ids only"
+        lines = [f"Leakage check: training set {self.train_name} ({self.num_train_images:,} images) against "
+                 f"{len(self.evals)} evaluation set(s), by {how}"]
+        for e in self.evals:
+            status = "LEAK" if e.overlap else "ok"
+            lines.append(f"  [{status}] {e.name}: {e.overlap:,} of {e.num_images:,} images in the training set "
+                         f"({100 * e.fraction:.1f}%; by id {e.overlap_by_id:,}, by content {e.overlap_by_hash:,})")
+            for ev, tr, why in e.examples:
+                lines.append(f"      {ev}  ==  {tr}  ({why})")
+        for w in self.warnings:
+            lines.append("  " + w)
+        return "\n".join(lines)
+
+
+def _as_manifest(m: str | os.PathLike | Manifest, data_root) -> Manifest:
+    return m if isinstance(m, Manifest) else load_manifest(m, data_root=data_root)
+
+
+def leakage_report(train_manifest: str | os.PathLike | Manifest,
+                   eval_manifests: str | os.PathLike | Manifest | Sequence[str | os.PathLike | Manifest],
+                   data_root: str | os.PathLike | None = None, hash_images: bool = True, *,
+                   max_examples: int = 5, progress: bool = False) -> LeakageReport:
+    """How many images of each evaluation set are also in the training set (by id and by content).
+
+    Ids: COCO ids parsed from file names (``000000123456.jpg`` = ``COCO_val2014_000000123456.jpg``) or
+    given by the coco/karpathy readers, and Flickr photo ids in Flickr manifests (format flickr8k or
+    a name/records/root containing "flickr"; Flickr30K contains Flickr8K's photos). Content: sha256 of
+    the image bytes (``hash_images=True``), which also catches copies under other names.
+    """
+    train = _as_manifest(train_manifest, data_root)
+    if isinstance(eval_manifests, (str, os.PathLike, Manifest)):
+        eval_manifests = [eval_manifests]
+    train_records = list(get_reader(train.format)(train))
+    t_flickr = _is_flickr_manifest(train)
+    train_ids: dict[str, str] = {}
+    for r in train_records:
+        ident = image_identity(r, t_flickr)
+        if ident is not None:
+            train_ids.setdefault(ident, r.image)
+    train_hashes: dict[str, str] = {}
+    if hash_images:
+        for image, digest in image_hashes(train, train_records, progress).items():
+            train_hashes.setdefault(digest, image)
+    num_train = len({r.image for r in train_records})
+    report = LeakageReport(train.name, str(train.path), num_train, hash_images)
+    for em in eval_manifests:
+        ev = _as_manifest(em, data_root)
+        records = list(get_reader(ev.format)(ev))
+        e_flickr = _is_flickr_manifest(ev)
+        hashes = image_hashes(ev, records, progress) if hash_images else {}
+        seen: set[str] = set()
+        n = by_id = by_hash = both = 0
+        examples: list[tuple[str, str, str]] = []
+        for r in records:
+            if r.image in seen:
+                continue
+            seen.add(r.image)
+            n += 1
+            ident = image_identity(r, e_flickr)
+            id_hit = train_ids.get(ident) if ident is not None else None
+            digest = hashes.get(r.image)
+            hash_hit = train_hashes.get(digest) if digest is not None else None
+            by_id += id_hit is not None
+            by_hash += hash_hit is not None
+            if id_hit is not None or hash_hit is not None:
+                both += 1
+                if len(examples) < max_examples:
+                    why = f"same id {ident}" if id_hit is not None else "identical content (sha256)"
+                    examples.append((r.image, id_hit if id_hit is not None else hash_hit, why))
+        report.evals.append(EvalOverlap(ev.name, str(ev.path), n, both, by_id, by_hash, examples))
+    return report

@@ -1,0 +1,234 @@
+"""Data check (problems with locations, exit code), is_readable, and the leakage check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from clip_refine_lab.data import load_manifest
+from clip_refine_lab.datacheck import (
+    check_manifest,
+    image_identity,
+    is_readable,
+    leakage_report,
+    run_data_check,
+    validate_manifest_fields,
+)
+from conftest_data import (
+    coco_name,
+    make_coco,
+    make_corrupt_image,
+    make_csv,
+    make_flickr8k,
+    make_image,
+    make_imagefolder,
+    make_jsonl,
+    make_karpathy,
+    make_webdataset,
+    write_manifest_yaml,
+    write_tar,
+    image_bytes,
+)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIP_REFINE_LAB_CACHE", str(tmp_path / "cache"))
+
+
+def _where(report, kind):
+    return [o.where for o in report.problems[kind].offenders]
+
+
+def test_clean_coco_passes(tmp_path):
+    man = make_coco(tmp_path, (1, 2, 3))
+    report = check_manifest(man, progress=False)
+    assert report.ok, report.format()
+    assert report.num_records == 3 and report.num_images_checked == 3
+    assert run_data_check(man, progress=False) == 0
+
+
+def test_coco_problems_are_located(tmp_path, capsys):
+    man = make_coco(tmp_path, (1, 2, 3, 4))
+    (tmp_path / "images" / coco_name(2)).unlink()  # missing
+    make_corrupt_image(tmp_path / "images" / coco_name(3))  # truncated JPEG
+    ann = tmp_path / "annotations" / "captions.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][6]["caption"] = "   "  # image 4, caption 0
+    data["annotations"][7]["caption"] = 17  # image 4, caption 1
+    data["images"].append({"id": 5, "file_name": coco_name(5)})  # no annotations
+    make_image(tmp_path / "images" / coco_name(5), seed=5)
+    ann.write_text(json.dumps(data))
+    report = check_manifest(man, progress=False)
+    assert not report.ok
+    counts = report.counts()
+    assert counts["missing_file"] == 1 and counts["unreadable_image"] == 1
+    assert counts["empty_caption"] == 1 and counts["non_text_caption"] == 1 and counts["no_captions"] == 1
+    assert _where(report, "missing_file")[0].endswith("captions.json: images[1]")
+    assert _where(report, "unreadable_image")[0].endswith("captions.json: images[2]")
+    assert _where(report, "empty_caption")[0].endswith("captions.json: annotations[6]")
+    assert _where(report, "non_text_caption")[0].endswith("captions.json: annotations[7]")
+    assert _where(report, "no_captions")[0].endswith("captions.json: images[4]")
+    text = report.format()
+    assert "missing_file: 1" in text and "FAILED" in text
+    assert run_data_check(man, progress=False) == 1
+    assert "unreadable_image" in capsys.readouterr().out
+
+
+def test_jsonl_duplicates_and_bad_json_line(tmp_path):
+    rows = [{"id": "a", "image": "a.jpg", "captions": ["x"]}, {"id": "b", "image": "b.jpg", "captions": [""]},
+            {"id": "a", "image": "c.jpg", "captions": ["y"]}]
+    for i, r in enumerate(rows):
+        make_image(tmp_path / "images" / r["image"], seed=i)
+    man = make_jsonl(tmp_path, rows)
+    report = check_manifest(man, progress=False)
+    assert report.counts() == {"duplicate_id": 1, "empty_caption": 1}
+    assert _where(report, "duplicate_id")[0].endswith("pairs.jsonl:3")
+    assert "already used at" in report.problems["duplicate_id"].offenders[0].detail
+    assert _where(report, "empty_caption")[0].endswith("pairs.jsonl:2")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(rows[0]) + "\n{broken\n")
+    report = check_manifest(man, progress=False)
+    assert not report.ok
+    assert "pairs.jsonl:2: not valid JSON" in report.problems["structure"].offenders[0].detail
+    assert report.num_records == 1  # records before the broken line are still checked
+
+
+def test_flickr8k_and_karpathy_problems(tmp_path):
+    man = make_flickr8k(tmp_path / "f8", {"1.jpg": ["a", ""], "2.jpg": ["b"]}, test=["1.jpg", "2.jpg"])
+    (tmp_path / "f8" / "Flicker8k_Dataset" / "2.jpg").unlink()
+    report = check_manifest(man, progress=False)
+    assert _where(report, "empty_caption")[0].endswith("Flickr8k.token.txt:2")
+    assert _where(report, "missing_file")[0].endswith("Flickr8k.token.txt:3")
+    man = make_karpathy(tmp_path / "k", [("10.jpg", "test", ["ok"]), ("11.jpg", "test", [])])
+    report = check_manifest(man, progress=False)
+    assert _where(report, "no_captions")[0].endswith("images[1]")
+
+
+def test_classification_label_and_class_problems(tmp_path):
+    rows = [{"path": "0.jpg", "label": "0"}, {"path": "1.jpg", "label": "5"}, {"path": "2.jpg", "label": "0"}]
+    for i in range(3):
+        make_image(tmp_path / "images" / f"{i}.jpg", seed=i)
+    man = make_csv(tmp_path, rows, kind="classification", classnames=["cat", "dog", "cow"], templates=["a {c}."])
+    report = check_manifest(man, progress=False)
+    assert report.counts()["label_out_of_range"] == 1
+    assert _where(report, "label_out_of_range")[0].endswith("pairs.csv:3")
+    assert "outside 0..2" in report.problems["label_out_of_range"].offenders[0].detail
+    assert report.counts()["class_without_images"] == 2  # dog and cow
+    assert report.problems["class_without_images"].severity == "warning"
+
+
+def test_imagefolder_unknown_folder_and_empty_class(tmp_path):
+    make_imagefolder(tmp_path, {"cat": 2, "dog": 1, "zebra": 1})
+    make_corrupt_image(tmp_path / "images" / "dog" / "bad.jpg")
+    man = write_manifest_yaml(tmp_path / "f.yaml", name="f", kind="classification", format="imagefolder",
+                              root="images", classnames=["cat", "dog", "bird"], templates=["a photo of a {c}."])
+    report = check_manifest(man, progress=False)
+    counts = report.counts()
+    assert counts["unknown_class_folder"] == 1
+    assert "'zebra'" in report.problems["unknown_class_folder"].offenders[0].detail
+    assert counts["class_without_images"] == 1
+    assert "'bird'" in report.problems["class_without_images"].offenders[0].detail
+    assert counts["unreadable_image"] == 1
+    assert _where(report, "unreadable_image")[0].endswith("images/dog/bad.jpg")
+    assert run_data_check(man, progress=False) == 1
+
+
+def test_webdataset_check_finds_corrupt_member(tmp_path):
+    man, keys = make_webdataset(tmp_path, num_shards=1, per_shard=2)
+    write_tar(tmp_path / "shards" / "00001.tar", [("x1.jpg", b"garbage"), ("x1.txt", b"cap"),
+                                                  ("x2.jpg", image_bytes(3)), ("x2.txt", b"")])
+    m = write_manifest_yaml(tmp_path / "w.yaml", name="w", kind="captions", format="webdataset", root="shards",
+                            shards="{00000..00001}.tar")
+    report = check_manifest(m, progress=False)
+    assert report.counts() == {"unreadable_image": 1, "empty_caption": 1}
+    assert "00001.tar: sample 0 (key x1)" in _where(report, "unreadable_image")[0]
+
+
+def test_schema_errors_reported(tmp_path):
+    man = write_manifest_yaml(tmp_path / "bad.yaml", name="x", kind="captions", format="coco", root=".",
+                              records="a.json", colums={"image": "x"})
+    report = check_manifest(man, progress=False)
+    assert any("unknown field 'colums'" in o.detail for o in report.problems["schema"].offenders)
+    assert "structure" in report.problems  # records file missing
+    missing = check_manifest(tmp_path / "nope.yaml", progress=False)
+    assert not missing.ok and "manifest not found" in missing.problems["structure"].offenders[0].detail
+
+
+def test_validate_manifest_fields():
+    ok = {"name": "x", "kind": "classification", "format": "imagefolder", "root": "r", "classnames": ["a", "b"],
+          "templates": ["a photo of a {c}."], "class_folders": ["n1", "n2"], "source": "s", "layout": "l"}
+    assert validate_manifest_fields(ok) == []
+    problems = validate_manifest_fields({**ok, "templates": ["no placeholder"], "class_folders": ["n1"],
+                                         "bogus": 1, "kind": "classification", "format": "imagefolder"})
+    text = "\n".join(problems)
+    assert "must be a string containing '{c}'" in text and "class_folders' has 1 entries" in text
+    assert "unknown field 'bogus'" in text
+    assert any("missing field 'records'" in p for p in validate_manifest_fields({"name": "x", "kind": "captions",
+                                                                                  "format": "coco"}))
+    assert any("unknown format" in p for p in validate_manifest_fields({"name": "x", "kind": "captions", "format": "zip"}))
+    assert any("holds classification data" in p for p in validate_manifest_fields(
+        {"name": "x", "kind": "captions", "format": "imagefolder"}))
+
+
+def test_is_readable(tmp_path):
+    man = make_coco(tmp_path, (1, 2, 3))
+    recs = load_manifest(man).records()
+    (tmp_path / "images" / coco_name(2)).unlink()
+    make_corrupt_image(tmp_path / "images" / coco_name(3))
+    assert is_readable(recs[0]) is None
+    assert is_readable(recs[1]).startswith("missing file")
+    assert is_readable(recs[2]).startswith("unreadable image")
+    assert is_readable(recs[0].__class__("x", recs[0].image, ("", " "))) == "no non-empty text caption"
+
+
+# ----------------------------------------------------------------------------------------- leakage
+def test_image_identity_coco_naming():
+    from clip_refine_lab.data import CaptionRecord
+
+    a = CaptionRecord("1", "/d/train2017/000000123456.jpg", ("x",))
+    b = CaptionRecord("2", "/d/val2014/COCO_val2014_000000123456.jpg", ("x",))
+    assert image_identity(a) == image_identity(b) == "coco:123456"
+    c = CaptionRecord("3", "/d/flickr/1000268201_693b08cb0e.jpg", ("x",))
+    assert image_identity(c) is None and image_identity(c, flickr=True) == "flickr:1000268201"
+
+
+def test_leakage_coco_2014_vs_2017_and_hash(tmp_path):
+    train = make_coco(tmp_path / "train", (1, 2, 3, 4), name="coco-train2017", images_dir="train2017", seed=0)
+    # Karpathy-style test split from val2014: ids 2 and 3 are in train (other bytes), 9 is not
+    evalm = make_coco(tmp_path / "ev", (2, 3, 9), style="val2014", name="coco-karpathy-test", images_dir="val2014",
+                      seed=100)
+    # a copy of a train image under another name (content hash overlap)
+    make_coco(tmp_path / "other", (77,), name="other", images_dir="imgs", write_images=False)
+    (tmp_path / "other" / "imgs").mkdir()
+    shutil.copy(tmp_path / "train" / "train2017" / coco_name(4), tmp_path / "other" / "imgs" / coco_name(77))
+    clean = make_coco(tmp_path / "val", (50, 51), name="coco-val2017", images_dir="val2017", seed=500)
+    report = leakage_report(train, [evalm, tmp_path / "other" / "other.yaml", clean])
+    k, other, val = report.evals
+    assert (k.num_images, k.overlap, k.overlap_by_id, k.overlap_by_hash) == (3, 2, 2, 0)
+    assert abs(k.fraction - 2 / 3) < 1e-9
+    assert k.examples[0][0].endswith("COCO_val2014_000000000002.jpg") and k.examples[0][1].endswith("000000000002.jpg")
+    assert (other.overlap, other.overlap_by_id, other.overlap_by_hash) == (1, 0, 1)
+    assert val.overlap == 0 and val.warning(report.train_name) is None
+    assert report.leaks
+    w = report.warnings[0]
+    assert w.startswith("LEAKAGE: coco-karpathy-test overlaps coco-train2017: 2 of 3 images (66.7%)")
+    assert "COCO 2017 val" in w
+    assert "[LEAK] coco-karpathy-test" in report.format() and "[ok] coco-val2017" in report.format()
+    # hashes are cached per manifest, keyed by path + size + mtime
+    cache_files = list((tmp_path / "cache" / "hashes").glob("*.json"))
+    assert len(cache_files) == 4
+    entries = json.loads(cache_files[0].read_text())["entries"]
+    assert all(len(v) == 3 for v in entries.values())
+    again = leakage_report(train, evalm, hash_images=False)
+    assert again.evals[0].overlap == 2 and not again.hash_images
+
+
+def test_leakage_flickr8k_inside_flickr30k(tmp_path):
+    f8 = make_flickr8k(tmp_path / "f8", {"1000268201_693b08cb0e.jpg": ["a"], "1001773457_577c3a7d70.jpg": ["b"]},
+                       test=["1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg"])
+    f30 = make_karpathy(tmp_path / "f30", [("1000268201.jpg", "test", ["a"]), ("55.jpg", "test", ["b"])],
+                        seed=300)
+    report = leakage_report(f8, f30, hash_images=False)
+    assert report.evals[0].overlap_by_id == 1

@@ -1,0 +1,72 @@
+import time
+
+import open_clip
+import pytest
+import torch
+
+from clip_refine_lab.models import (ModelNotAvailableError, ModelSpec, load_model, read_checkpoint_meta,
+                                    save_checkpoint, tiny_architectures)
+
+
+def test_tiny_architectures_are_open_clip_models():
+    load_model("micro-vit-32")  # registers them
+    for arch in tiny_architectures():
+        assert arch in open_clip.list_models()
+
+
+def test_checkpoint_reloads_in_plain_open_clip_with_identical_features(tmp_path):
+    torch.manual_seed(0)
+    loaded = load_model("micro-vit-32")
+    path = save_checkpoint(loaded.model, tmp_path / "m.safetensors", loaded.spec)
+    meta = read_checkpoint_meta(path)
+    assert meta["arch"] == "micro-vit-32" and meta["quick_gelu"] == "false"
+    plain, _, _ = open_clip.create_model_and_transforms("micro-vit-32", pretrained=str(path))
+    plain.eval()
+    images = torch.randn(3, 3, 32, 32)
+    tokens = open_clip.get_tokenizer("micro-vit-32")(["a red circle", "two blue stars", "a big square"])
+    with torch.no_grad():
+        assert torch.equal(plain.encode_image(images), loaded.model.encode_image(images))
+        assert torch.equal(plain.encode_text(tokens), loaded.model.encode_text(tokens))
+    # and through our loader, with the architecture read from the header
+    again = load_model(str(path))
+    assert again.spec.arch == "micro-vit-32"
+    with torch.no_grad():
+        assert torch.equal(again.model.encode_image(images), loaded.model.encode_image(images))
+
+
+def test_quick_gelu_is_recorded_and_applied(tmp_path):
+    loaded = load_model("micro-vit-32", quick_gelu=True)
+    assert isinstance(loaded.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    path = save_checkpoint(loaded.model, tmp_path / "q.safetensors", loaded.spec)
+    assert read_checkpoint_meta(path)["quick_gelu"] == "true"
+    again = load_model(str(path))
+    assert again.spec.quick_gelu
+    assert isinstance(again.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+def test_open_clip_name_points_plain_users_at_the_quickgelu_variant():
+    assert ModelSpec("ViT-B-32", "openai", quick_gelu=True).open_clip_name == "ViT-B-32-quickgelu"
+    assert ModelSpec("ViT-B-32", None, quick_gelu=False).open_clip_name == "ViT-B-32"
+
+
+def test_uncached_pretrained_tag_fails_fast_offline():
+    start = time.monotonic()
+    with pytest.raises(ModelNotAvailableError) as err:
+        load_model("ViT-B-32", "openai")
+    assert time.monotonic() - start < 10
+    text = str(err.value)
+    assert "'ViT-B-32' with pretrained tag 'openai'" in text and "--pretrained /path/to" in text
+
+
+def test_unknown_tag_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="nor a known pretrained tag of .micro-vit-32."):
+        load_model("micro-vit-32", "laion9000")
+    with pytest.raises(ModelNotAvailableError, match="checkpoint file not found"):
+        load_model("micro-vit-32", str(tmp_path / "nope.safetensors"))
+
+
+def test_architecture_mismatch_is_refused(tmp_path):
+    loaded = load_model("micro-vit-32")
+    path = save_checkpoint(loaded.model, tmp_path / "m.safetensors", loaded.spec)
+    with pytest.raises(ValueError, match="holds a 'micro-vit-32' model"):
+        load_model("tiny-vit-48", str(path))
