@@ -733,9 +733,10 @@ def read_stanford_cars(manifest: Manifest) -> Iterator[ClassificationRecord]:
         if key not in names:
             raise ManifestError(f"{path}: annotations lack field '{key}' (has: {list(names)}); use the file with labels, "
                                 f"cars_test_annos_withlabels.mat")
-    for i, (fname, cls) in enumerate(zip(ann["fname"].ravel() if ann.ndim else [ann["fname"]],
-                                         ann["class"].ravel() if ann.ndim else [ann["class"]])):
-        fname = str(fname)
+    import numpy as np
+
+    for i, (fname, cls) in enumerate(zip(np.atleast_1d(ann["fname"]).ravel(), np.atleast_1d(ann["class"]).ravel())):
+        fname = str(fname.item() if hasattr(fname, "item") else fname)
         yield ClassificationRecord(fname, _resolve_image(manifest.root, fname), int(cls) - 1,
                                    f"{path}: annotations[{i}]", {})
 
@@ -750,7 +751,9 @@ def read_flowers102(manifest: Manifest) -> Iterator[ClassificationRecord]:
     labels = _loadmat(root / "imagelabels.mat")
     if "labels" not in labels:
         raise ManifestError(f"{root / 'imagelabels.mat'}: no 'labels' variable")
-    lab = [int(x) for x in labels["labels"].ravel()]
+    import numpy as np
+
+    lab = [int(x) for x in np.atleast_1d(labels["labels"]).ravel()]
     if "all" in split:
         ids = list(range(1, len(lab) + 1))
     else:
@@ -760,7 +763,7 @@ def read_flowers102(manifest: Manifest) -> Iterator[ClassificationRecord]:
             if s in split:
                 if var not in setid:
                     raise ManifestError(f"{root / 'setid.mat'}: no '{var}' variable")
-                ids.extend(int(x) for x in setid[var].ravel())
+                ids.extend(int(x) for x in np.atleast_1d(setid[var]).ravel())
     for n in ids:
         if not 1 <= n <= len(lab):
             raise ManifestError(f"{root / 'setid.mat'}: image number {n} is outside imagelabels.mat's {len(lab)} labels")

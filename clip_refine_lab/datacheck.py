@@ -323,7 +323,7 @@ def check_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None 
                 report.add("schema", str(path), None, msg)
         except Exception:
             pass
-        report.add("structure", str(path), None, str(e))
+        report.add("structure", "manifest", None, str(e))
         return report
     report.name, report.kind, report.format_name = manifest.name, manifest.kind, manifest.format
     for msg in validate_manifest_fields(manifest.fields):
@@ -342,9 +342,9 @@ def check_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None 
             for rec in get_reader(manifest.format)(manifest):
                 records.append(rec)
     except ManifestError as e:
-        report.add("structure", str(manifest.path), None, str(e))
+        report.add("structure", f"reader '{manifest.format}'", None, str(e))
     except Exception as e:  # a reader bug or an unexpected file: still report, do not crash the check
-        report.add("structure", str(manifest.path), None, f"{type(e).__name__}: {e}")
+        report.add("structure", f"reader '{manifest.format}'", None, f"{type(e).__name__}: {e}")
     report.num_records = len(records)
     if not records and "structure" not in report.problems:
         report.add("no_records", str(manifest.path), None, "no records (check 'root', 'records', 'split' and the layout)")

@@ -127,9 +127,10 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 class Refiner:
     """Holds what one run needs; :meth:`run` is the loop. Use :func:`refine` rather than this class."""
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+    def __init__(self, cfg: RunConfig, *, progress: bool = True, callback=None):
         self.cfg = cfg
         self.progress = progress
+        self.callback = callback  # called with every log record (dict), e.g. for a live plot
         self.rank, self.world_size = world_info()
         self.device = resolve_device(cfg.device)
         self.method: Method = get_method(cfg.method)
@@ -353,6 +354,11 @@ class Refiner:
         if self.rank == 0:
             save_checkpoint(self.model, self.run_dir / name, self.base.spec, method=self.cfg.method)
 
+    def _emit(self, log_path: Path, record: dict) -> None:
+        _append(log_path, record)
+        if self.callback is not None:
+            self.callback(record)
+
     # ------------------------------------------------------------------------------------- run
     def run(self) -> Path:
         cfg = self.cfg
@@ -365,7 +371,7 @@ class Refiner:
             best_val = self.validate()
             self.save_weights("model_best.safetensors")
             if self.rank == 0:
-                _append(log_path, {"kind": "val", "step": 0, "val_loss": best_val, "best": True})
+                self._emit(log_path, {"kind": "val", "step": 0, "val_loss": best_val, "best": True})
         if self.skipped:
             print(f"on_bad_sample=skip: skipped {self.skipped} unreadable or captionless samples")
         self.model.train()
@@ -397,7 +403,7 @@ class Refiner:
             if self.rank == 0 and (step % cfg.log_every == 0 or step == self.total_steps):
                 record = step_record(terms, step, epoch, lr, cfg.batch_size / (time.perf_counter() - t0),  # type: ignore[operator]
                                      float(self.model.logit_scale.exp().item()))
-                _append(log_path, record)
+                self._emit(log_path, record)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "rafa", "hycd", "clip", "gap")})
             bar.update(1)
             if step % self.val_every == 0 or step == self.total_steps:
@@ -407,7 +413,7 @@ class Refiner:
                     best_val = val
                     self.save_weights("model_best.safetensors")
                 if self.rank == 0 and val is not None:
-                    _append(log_path, {"kind": "val", "step": step, "val_loss": val, "best": improved})
+                    self._emit(log_path, {"kind": "val", "step": step, "val_loss": val, "best": improved})
             if step % self.checkpoint_every == 0 or step == self.total_steps:
                 self.save_state(step, best_val)
         bar.close()
@@ -462,8 +468,11 @@ def read_log(run_dir: str | os.PathLike, kind: str = "train") -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ entry point
-def refine(config: RunConfig, *, progress: bool = True, resume: bool = True) -> Path:
+def refine(config: RunConfig, *, progress: bool = True, resume: bool = True, callback=None) -> Path:
     """Run post-pre-training as configured and return the run directory.
+
+    ``callback(record)`` receives every log record as it is written (train steps and validations),
+    for live plots; the records are also in ``log.jsonl``.
 
     An existing run directory with the same configuration is resumed from its last checkpoint
     (``resume=False`` refuses instead); a complete one (``summary.json``) is returned as is.
@@ -485,7 +494,7 @@ def refine(config: RunConfig, *, progress: bool = True, resume: bool = True) -> 
     _, world = world_info()
     if world > 1 and cfg.run_name is None:
         raise ConfigError("with several processes, set run_name so that every rank writes the same run")
-    refiner = Refiner(cfg, progress=progress)
+    refiner = Refiner(cfg, progress=progress, callback=callback)
     if refiner.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(saved)

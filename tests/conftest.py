@@ -1,17 +1,9 @@
-"""Test-wide settings: offline hub, the micro preset, and a cache dir private to this test session."""
+"""Shared fixtures (environment settings are in the repository's root conftest.py)."""
 
 import os
-import tempfile
 
-# Before anything imports huggingface_hub: an uncached pretrained tag must fail fast, not retry.
-os.environ["HF_HUB_OFFLINE"] = "1"
-# Tests run on the micro preset (tiny world and model) unless told otherwise.
-os.environ.setdefault("CLIP_REFINE_LAB_PRESET", "micro")
-# A private cache per session (set CLIP_REFINE_LAB_TEST_CACHE to reuse one across sessions).
-os.environ["CLIP_REFINE_LAB_CACHE"] = os.environ.get("CLIP_REFINE_LAB_TEST_CACHE") or tempfile.mkdtemp(prefix="crl-test-cache-")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
