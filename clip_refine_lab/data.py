@@ -78,6 +78,7 @@ class Manifest:
     classnames: list[str] | None = None
     templates: list[str] | None = None
     fields: dict[str, Any] = field(default_factory=dict)  # every key of the YAML, as written
+    data_root: str | None = None  # the --data-root this manifest was loaded with, if any
 
     def records(self) -> list[Record]:
         """All records, read through the reader registered for ``format``."""
@@ -168,7 +169,7 @@ def expand_path(value: str, base: Path, data_root: str | os.PathLike | None, whe
     def sub(m: re.Match) -> str:
         var = m.group(1) or m.group(2)
         if var == DATA_ROOT_ENV and data_root is not None:
-            return str(data_root)
+            return str(Path(data_root).expanduser().resolve())
         if var not in os.environ:
             hint = " (pass --data-root or set it to the folder holding your data sets)" if var == DATA_ROOT_ENV else ""
             raise ManifestError(f"{where} uses ${{{var}}}, which is not set{hint}")
@@ -213,7 +214,7 @@ def load_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None =
                 if not isinstance(t, str) or "{c}" not in t:
                     raise ManifestError(f"{path}: field 'templates' item {i} must contain '{{c}}', got {t!r}")
     return Manifest(path, str(fields["name"]), kind, str(fields["format"]), root, records_path,
-                    classnames, templates, fields)
+                    classnames, templates, fields, str(data_root) if data_root is not None else None)
 
 
 def write_manifest(
@@ -250,8 +251,16 @@ def write_manifest(
 
 # ------------------------------------------------------------------------------------------ images
 def load_image(path: str):
-    """Open an image as RGB; a missing or corrupt file raises ManifestError naming it."""
+    """Open an image as RGB; a missing or corrupt file raises ManifestError naming it.
+
+    ``path`` may also be a WebDataset locator ``"shard.tar::member"``.
+    """
     from PIL import Image, UnidentifiedImageError
+
+    if "::" in str(path):
+        from .data_formats import open_image
+
+        return open_image(path)
 
     try:
         with Image.open(path) as im:

@@ -63,7 +63,8 @@ LOCATOR_SEP = "::"
 
 # Fields every manifest may carry, whatever its format.
 COMMON_FIELDS = ("name", "kind", "format", "root", "source", "layout", "description", "notes", "license",
-                 "citation", "homepage", "classnames", "templates", "filtered_from", "filter")
+                 "citation", "homepage", "classnames", "templates", "filtered_from", "filter",
+                 "task", "style")  # task/style: written by the synthetic world (clip_refine_lab.world)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,19 @@ FORMAT_SPECS: dict[str, FormatSpec] = {
 }
 FORMAT_SPECS["tsv"] = FORMAT_SPECS["csv"]
 FORMAT_SPECS["table"] = FORMAT_SPECS["csv"]
+
+
+ZERO_SHOT_DATA = Path(__file__).parent / "zero_shot_data"
+
+
+def zero_shot_metadata(name: str) -> tuple[list[str], list[str]]:
+    """(classnames, templates) of a classification set of data_manifests/ by its name (``imagenet1k``,
+    ``cars``, ``cub200``, ...), from the copies shipped in ``clip_refine_lab/zero_shot_data/``."""
+    names = json.loads((ZERO_SHOT_DATA / "classnames.json").read_text(encoding="utf-8"))
+    templates = json.loads((ZERO_SHOT_DATA / "templates.json").read_text(encoding="utf-8"))
+    if name not in names:
+        raise KeyError(f"no zero-shot metadata for {name!r}; known: {', '.join(sorted(names))}")
+    return list(names[name]), list(templates[name])
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -201,7 +215,7 @@ def read_coco(manifest: Manifest) -> Iterator[CaptionRecord]:
 
     One record per image (id = the COCO image id as a string), its captions in annotation order.
     ``record.source`` is ``"<file>: images[i]"``; ``meta["caption_sources"]`` names each caption's
-    ``annotations[j]``; ``meta["coco_id"]`` is the integer id (used by the leakage check).
+    ``annotations[j]``; ``meta["coco_id"]`` is the integer image id of the JSON.
     Images without any annotation are kept with no captions (data check reports them).
     """
     path = _records_file(manifest)

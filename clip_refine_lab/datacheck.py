@@ -41,6 +41,7 @@ from .utils import atomic_write_json, cache_dir, stable_hash
 # kind -> (severity, what it means)
 PROBLEM_KINDS: dict[str, tuple[str, str]] = {
     "schema": ("error", "manifest fields do not match the format's schema"),
+    "unknown_field": ("warning", "manifest field not used by its format"),
     "structure": ("error", "the records could not be read (the reader stopped here)"),
     "no_records": ("error", "the manifest yields no records"),
     "missing_file": ("error", "image file not found"),
@@ -145,11 +146,22 @@ class CheckReport:
 
 
 # ------------------------------------------------------------------------------------------ schema
-def validate_manifest_fields(fields: Any) -> list[str]:
+def unknown_fields(fields: dict) -> list[str]:
+    """Fields that neither every manifest nor the manifest's format defines (typos such as ``colums``)."""
+    spec = FORMAT_SPECS.get(fields.get("format")) if isinstance(fields.get("format"), str) else None
+    if spec is None:
+        return []
+    known = set(COMMON_FIELDS) | {"records"} | set(spec.required) | set(spec.optional)
+    return [k for k in fields if k not in known]
+
+
+def validate_manifest_fields(fields: Any, allow_unknown: bool = False) -> list[str]:
     """Problems with a manifest's fields (empty list if none): required, unknown and mistyped fields.
 
     Checks the common fields (name, kind, format, root, records, classnames, templates, source,
-    layout, ...) and the fields of the format named by ``format`` (see FORMAT_SPECS).
+    layout, ...) and the fields of the format named by ``format`` (see FORMAT_SPECS). Unknown fields
+    are problems unless ``allow_unknown`` (the data check reports them as warnings instead: the
+    synthetic world's manifests carry extra fields such as ``task``).
     """
     if not isinstance(fields, dict):
         return [f"expected a mapping of fields, got {type(fields).__name__}"]
@@ -175,9 +187,9 @@ def validate_manifest_fields(fields: Any) -> list[str]:
         for key in spec.required:
             if key not in fields:
                 out.append(f"missing field '{key}' (required by format '{fmt}')")
-        known = set(COMMON_FIELDS) | {"records"} | set(spec.required) | set(spec.optional)
-        for key in fields:
-            if key not in known:
+        if not allow_unknown:
+            known = set(COMMON_FIELDS) | {"records"} | set(spec.required) | set(spec.optional)
+            for key in unknown_fields(fields):
                 out.append(f"unknown field '{key}' for format '{fmt}' (known: {', '.join(sorted(known))})")
     out.extend(_check_types(fields))
     if kind == "classification":
@@ -254,7 +266,7 @@ def image_problem(locator: str) -> tuple[str, str] | None:
     try:
         if member is None:
             if not os.path.isfile(path):
-                return "missing_file", f"no such file: {path}"
+                return "missing_file", "no such file"
             src: Any = path
         else:
             try:
@@ -288,6 +300,17 @@ def is_readable(record: Record) -> str | None:
             return f"invalid label {record.label!r}"
     problem = image_problem(record.image)
     return None if problem is None else f"{problem[0].replace('_', ' ')}: {problem[1]}"
+
+
+def clean_captions(record: CaptionRecord) -> CaptionRecord | None:
+    """``record`` with only its non-empty text captions (None if none is left): a record may mix good
+    and empty captions, and training draws one caption per step."""
+    import dataclasses
+
+    good = tuple(c for c in record.captions if isinstance(c, str) and c.strip())
+    if not good:
+        return None
+    return record if len(good) == len(record.captions) else dataclasses.replace(record, captions=good)
 
 
 # -------------------------------------------------------------------------------------- data check
@@ -326,8 +349,11 @@ def check_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None 
         report.add("structure", "manifest", None, str(e))
         return report
     report.name, report.kind, report.format_name = manifest.name, manifest.kind, manifest.format
-    for msg in validate_manifest_fields(manifest.fields):
+    for msg in validate_manifest_fields(manifest.fields, allow_unknown=True):
         report.add("schema", str(manifest.path), None, msg)
+    for key in unknown_fields(manifest.fields):
+        report.add("unknown_field", str(manifest.path), None,
+                   f"field '{key}' is not read by format '{manifest.format}' (a typo?); see data_manifests/README.md")
 
     records: list[Record] = []
     try:
@@ -430,11 +456,10 @@ def _is_flickr_manifest(manifest: Manifest) -> bool:
 
 def image_identity(record: Record, flickr: bool = False) -> str | None:
     """A data-set-independent id of a record's image: ``coco:<id>`` from COCO file names (2014 and 2017
-    namings agree) or the reader's ``coco_id``; with ``flickr=True``, ``flickr:<photo id>`` from
-    Flickr file names (``1000092795.jpg``, Flickr8k's ``1000268201_693b08cb0e.jpg``). None otherwise."""
-    coco_id = record.meta.get("coco_id") if record.meta else None
-    if isinstance(coco_id, int) and not isinstance(coco_id, bool):
-        return f"coco:{coco_id}"
+    namings agree: ``000000123456.jpg`` = ``COCO_val2014_000000123456.jpg``); with ``flickr=True``,
+    ``flickr:<photo id>`` from Flickr file names (``1000092795.jpg``, Flickr8k's
+    ``1000268201_693b08cb0e.jpg``). None otherwise. Only file names count, not the ids inside a
+    COCO-format JSON: any custom data set may use that format with ids 1, 2, 3..."""
     path, member = split_locator(record.image)
     name = os.path.basename(member if member is not None else path)
     m = _COCO_NAME.match(name)
@@ -508,7 +533,8 @@ class EvalOverlap:
     overlap: int  # eval images found in the train set by id or by content
     overlap_by_id: int
     overlap_by_hash: int
-    examples: list[tuple[str, str, str]] = field(default_factory=list)  # (eval image, train image, "id coco:..."/"sha256")
+    examples: list[tuple[str, str, str]] = field(default_factory=list)  # (eval image, train image, why)
+    overlap_coco_ids: int = 0  # of overlap_by_id, how many are COCO ids
 
     @property
     def fraction(self) -> float:
@@ -517,11 +543,12 @@ class EvalOverlap:
     def warning(self, train_name: str) -> str | None:
         if not self.overlap:
             return None
+        hint = (" (after COCO train2017, use COCO 2017 val, not the Karpathy test split drawn from val2014)"
+                if self.overlap_coco_ids else "")
         return (f"LEAKAGE: {self.name} overlaps {train_name}: {self.overlap:,} of {self.num_images:,} images "
                 f"({100 * self.fraction:.1f}%) are also in the training set ({self.overlap_by_id:,} by image id, "
                 f"{self.overlap_by_hash:,} by identical file content). Results on {self.name} are inflated for a "
-                f"model trained on {train_name}; evaluate on a disjoint set (after COCO train2017, use COCO 2017 "
-                f"val, not the Karpathy test split drawn from val2014).")
+                f"model trained on {train_name}; evaluate on a disjoint set{hint}.")
 
 
 @dataclass
@@ -545,6 +572,7 @@ class LeakageReport:
                 "num_train_images": self.num_train_images, "hash_images": self.hash_images,
                 "evals": [{"name": e.name, "manifest": e.manifest, "num_images": e.num_images, "overlap": e.overlap,
                            "overlap_by_id": e.overlap_by_id, "overlap_by_hash": e.overlap_by_hash,
+                           "overlap_coco_ids": e.overlap_coco_ids,
                            "fraction": e.fraction, "examples": e.examples, "warning": e.warning(self.train_name)}
                           for e in self.evals]}
 
@@ -573,8 +601,8 @@ def leakage_report(train_manifest: str | os.PathLike | Manifest,
                    max_examples: int = 5, progress: bool = False) -> LeakageReport:
     """How many images of each evaluation set are also in the training set (by id and by content).
 
-    Ids: COCO ids parsed from file names (``000000123456.jpg`` = ``COCO_val2014_000000123456.jpg``) or
-    given by the coco/karpathy readers, and Flickr photo ids in Flickr manifests (format flickr8k or
+    Ids: COCO ids parsed from file names (``000000123456.jpg`` = ``COCO_val2014_000000123456.jpg``),
+    and Flickr photo ids in Flickr manifests (format flickr8k or
     a name/records/root containing "flickr"; Flickr30K contains Flickr8K's photos). Content: sha256 of
     the image bytes (``hash_images=True``), which also catches copies under other names.
     """
@@ -600,7 +628,7 @@ def leakage_report(train_manifest: str | os.PathLike | Manifest,
         e_flickr = _is_flickr_manifest(ev)
         hashes = image_hashes(ev, records, progress) if hash_images else {}
         seen: set[str] = set()
-        n = by_id = by_hash = both = 0
+        n = by_id = by_hash = both = coco = 0
         examples: list[tuple[str, str, str]] = []
         for r in records:
             if r.image in seen:
@@ -612,11 +640,12 @@ def leakage_report(train_manifest: str | os.PathLike | Manifest,
             digest = hashes.get(r.image)
             hash_hit = train_hashes.get(digest) if digest is not None else None
             by_id += id_hit is not None
+            coco += id_hit is not None and ident.startswith("coco:")
             by_hash += hash_hit is not None
             if id_hit is not None or hash_hit is not None:
                 both += 1
                 if len(examples) < max_examples:
                     why = f"same id {ident}" if id_hit is not None else "identical content (sha256)"
                     examples.append((r.image, id_hit if id_hit is not None else hash_hit, why))
-        report.evals.append(EvalOverlap(ev.name, str(ev.path), n, both, by_id, by_hash, examples))
+        report.evals.append(EvalOverlap(ev.name, str(ev.path), n, both, by_id, by_hash, examples, coco))
     return report

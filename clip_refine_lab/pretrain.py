@@ -35,7 +35,7 @@ class PretrainRecipe:
 
 
 RECIPES = {
-    "default": PretrainRecipe(epochs=8, batch_size=256, lr=1e-3, warmup_steps=100),
+    "default": PretrainRecipe(epochs=6, batch_size=256, lr=1e-3, warmup_steps=100),
     "micro": PretrainRecipe(epochs=6, batch_size=64, lr=2e-3, warmup_steps=10),
 }
 
@@ -63,6 +63,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     from .data import load_manifest
     from .features import decode_images, normalize_uint8
     from .models import ModelSpec, load_model, save_checkpoint
+    from .train import fused_adamw_available
     from .world import WorldConfig, build_world
 
     preset = PRESETS[preset_name(world_preset)]
@@ -82,7 +83,8 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
+                            lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6,
+                            fused=fused_adamw_available(torch.device(device)))
     steps_per_epoch = len(records) // recipe.batch_size
     total = steps_per_epoch * recipe.epochs
     loss_fn = ClipLoss()

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 __all__ = [
-    "image_bytes", "make_image", "make_corrupt_image", "write_manifest_yaml", "make_coco", "make_karpathy",
+    "image_bytes", "coco_name", "make_image", "make_corrupt_image", "write_manifest_yaml", "make_coco", "make_karpathy",
     "make_flickr8k", "make_csv", "make_jsonl", "make_webdataset", "make_imagefolder", "write_tar",
 ]
 

@@ -10,6 +10,7 @@ import pytest
 from clip_refine_lab.data import load_manifest
 from clip_refine_lab.datacheck import (
     check_manifest,
+    clean_captions,
     image_identity,
     is_readable,
     leakage_report,
@@ -150,10 +151,20 @@ def test_schema_errors_reported(tmp_path):
     man = write_manifest_yaml(tmp_path / "bad.yaml", name="x", kind="captions", format="coco", root=".",
                               records="a.json", colums={"image": "x"})
     report = check_manifest(man, progress=False)
-    assert any("unknown field 'colums'" in o.detail for o in report.problems["schema"].offenders)
+    assert "field 'colums' is not read by format 'coco'" in report.problems["unknown_field"].offenders[0].detail
+    assert report.problems["unknown_field"].severity == "warning"
     assert "structure" in report.problems  # records file missing
     missing = check_manifest(tmp_path / "nope.yaml", progress=False)
     assert not missing.ok and "manifest not found" in missing.problems["structure"].offenders[0].detail
+
+
+def test_extra_fields_are_only_a_warning(tmp_path):
+    make_image(tmp_path / "images" / "0.png")
+    man = make_jsonl(tmp_path, [{"id": "0", "image": "0.png", "label": 0}], kind="classification",
+                     classnames=["circle"], templates=["a {c}."], task="shape", color="red", sizes=3)
+    report = check_manifest(man, progress=False)
+    assert report.ok and report.counts() == {"unknown_field": 2}
+    assert run_data_check(man, progress=False) == 0
 
 
 def test_validate_manifest_fields():
@@ -181,6 +192,10 @@ def test_is_readable(tmp_path):
     assert is_readable(recs[1]).startswith("missing file")
     assert is_readable(recs[2]).startswith("unreadable image")
     assert is_readable(recs[0].__class__("x", recs[0].image, ("", " "))) == "no non-empty text caption"
+    mixed = recs[0].__class__("x", recs[0].image, ("", "good", None))
+    assert is_readable(mixed) is None and clean_captions(mixed).captions == ("good",)
+    assert clean_captions(recs[0]) is recs[0]
+    assert clean_captions(recs[0].__class__("x", recs[0].image, (" ",))) is None
 
 
 # ----------------------------------------------------------------------------------------- leakage
@@ -210,6 +225,7 @@ def test_leakage_coco_2014_vs_2017_and_hash(tmp_path):
     assert abs(k.fraction - 2 / 3) < 1e-9
     assert k.examples[0][0].endswith("COCO_val2014_000000000002.jpg") and k.examples[0][1].endswith("000000000002.jpg")
     assert (other.overlap, other.overlap_by_id, other.overlap_by_hash) == (1, 0, 1)
+    assert "COCO 2017 val" not in other.warning("t") and "identical file content" in other.warning("t")
     assert val.overlap == 0 and val.warning(report.train_name) is None
     assert report.leaks
     w = report.warnings[0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clip_refine_lab.data import load_manifest
-from clip_refine_lab.data_formats import manifest_shards
+from clip_refine_lab.data_formats import manifest_shards, zero_shot_metadata
 from clip_refine_lab.datacheck import check_manifest, validate_manifest_fields
 from conftest_data import make_image, write_tar, image_bytes
 
@@ -54,6 +54,15 @@ def test_manifest_parses_and_validates(path, tmp_path):
         folders = m.fields.get("class_folders")
         if isinstance(folders, list):
             assert len(folders) == len(m.classnames) and len(set(folders)) == len(folders)
+
+
+def test_packaged_zero_shot_metadata_matches_manifests():
+    for path in MANIFESTS:
+        m = load_manifest(path, data_root="/data")
+        if m.kind == "classification":
+            assert zero_shot_metadata(m.name) == (m.classnames, m.templates), m.name
+    with pytest.raises(KeyError, match="known: caltech101"):
+        zero_shot_metadata("nope")
 
 
 def test_webdataset_manifests_expand_shards(tmp_path):
