@@ -121,6 +121,8 @@ class RunConfig:
     data_root: str | None = None
     on_bad_sample: str = "fail"
     num_workers: int = 0
+    teacher_cache: bool = False  # teacher features from the feature cache: computed once, reused across runs
+    image_cache: bool = False  # decoded, resized images as a uint8 memory map: decoded once, reused across runs
     # output
     output_dir: str = "runs"
     run_name: str | None = None
@@ -306,6 +308,9 @@ FIELD_HELP: dict[str, str] = {
     "data_root": "folder that ${CLIP_REFINE_LAB_DATA} in manifests stands for",
     "on_bad_sample": "what to do with unreadable images or empty captions: fail (default) or skip (counted)",
     "num_workers": "data-loading worker processes",
+    "teacher_cache": "take teacher features from the feature cache (computed once per teacher and data set, "
+                     "reused across epochs and runs; equal to recomputing them)",
+    "image_cache": "keep decoded, resized images in a uint8 memory map in the cache (decode JPEGs once per data set)",
     "output_dir": "folder holding run directories",
     "run_name": "run directory name (default: method, time and seed)",
     "log_every": "write a log line every N steps",

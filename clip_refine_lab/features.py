@@ -160,3 +160,72 @@ def normalize_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
     m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     return (images.float().div_(255.0) - m) / s
+
+
+# ------------------------------------------------------------------------------ decoded-image cache
+def _pil_stages(preprocess):
+    """The PIL part of an open_clip eval transform (resize, crop, RGB), without ToTensor/Normalize."""
+    from torchvision import transforms as T
+
+    stages = list(getattr(preprocess, "transforms", []))
+    kinds = [type(s).__name__ for s in stages]
+    if len(stages) < 2 or kinds[-2] not in ("ToTensor", "MaybeToTensor") or kinds[-1] != "Normalize":
+        raise ValueError(f"the decoded-image cache needs a transform ending in ToTensor, Normalize; got {kinds}")
+    return T.Compose(stages[:-2]), stages[-1].mean, stages[-1].std
+
+
+class DecodedImages:
+    """Preprocessed images as a uint8 memory map (N, 3, S, S): decode and resize once, reuse in every run.
+
+    Built with progress under ``<cache dir>/images/<key>.u8`` (key = records file + preprocessing), written
+    atomically; indexing returns the normalised float tensor that ``preprocess`` would return, exactly.
+    """
+
+    def __init__(self, records: Sequence, preprocess, manifest: Manifest | None = None, *, progress: bool = True):
+        pil, self.mean, self.std = _pil_stages(preprocess)
+        sample = np.asarray(pil(_open_image(records[0].image)), dtype=np.uint8) if records else np.zeros((1, 1, 3), np.uint8)
+        h, w = sample.shape[:2]
+        ident = [r.image for r in records] if manifest is None else manifest_fingerprint(manifest)
+        key = stable_hash([ident, len(records), repr(pil), "u8-v1"])
+        path = cache_dir() / "images" / f"{key}.u8"
+        shape = (len(records), h, w, 3)
+        if not path.is_file():
+            def write(tmp: Path) -> None:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                for i, rec in enumerate(tqdm(records, desc="decode images (cached)", disable=not progress, leave=False)):
+                    mm[i] = np.asarray(pil(_open_image(rec.image)), dtype=np.uint8)
+                mm.flush()
+                del mm
+
+            with atomic_path(path) as tmp:
+                write(tmp)
+        self.array = np.load(path, mmap_mode="r")
+        if self.array.shape != shape:
+            raise ValueError(f"{path}: cached shape {self.array.shape} != expected {shape}; delete the file")
+        self.path = path
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        u8 = torch.from_numpy(np.array(self.array[index])).permute(2, 0, 1)
+        return normalize_uint8(u8.unsqueeze(0), self.mean, self.std)[0]
+
+
+class Subset:
+    """Index a cache through a list of positions (e.g. the training split of a manifest)."""
+
+    def __init__(self, base, positions: Sequence[int]):
+        self.base, self.positions = base, list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int):
+        return self.base[self.positions[index]]
+
+
+def _open_image(path: str):
+    from .data import load_image
+
+    return load_image(path)

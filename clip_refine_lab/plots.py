@@ -31,6 +31,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 BASE_COLOUR = "#7f7f7f"  # the starting model, in every chart
+CHANCE_COLOUR = "#d8c8a0"  # the chance-level row of notebook 01
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22")
 HIT_COLOUR = "#2ca02c"
 MISS_COLOUR = "#d62728"
@@ -47,6 +48,8 @@ def model_colours(labels: Iterable[str], base_label: str = "pre-trained") -> dic
     for label in labels:
         if label == base_label:
             out[label] = BASE_COLOUR
+        elif label == "chance":
+            out[label] = CHANCE_COLOUR
         else:
             out[label] = RUN_COLOURS[i % len(RUN_COLOURS)]
             i += 1
@@ -72,7 +75,11 @@ def save_png(fig: Any, path: str | os.PathLike, *, width: int | None = None, hei
 
     Width and height default to the figure's layout size (700 x 500 when it has none).
     """
+    import logging
+
     _ensure_browser()
+    # choreographer logs (and ignores) a harmless JSON error when a large reply arrives in pieces
+    logging.getLogger("choreographer.channels.pipe").setLevel(logging.CRITICAL)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = go.Figure(fig) if not isinstance(fig, go.Figure) else fig
@@ -146,45 +153,45 @@ def image_grid(items: Sequence[Mapping], *, ncols: int = 6, thumb: int = 96, tit
         return fig
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
-    pad = 8
-    cap_h = 13 * caption_lines + 4 if any(it.get("caption") for it in items) else 0
-    rt_h = 14 * row_title_lines + 6 if row_titles else 0
+    pad = 10
+    line_h = 15  # px per caption line at font size 11
+    cap_h = line_h * caption_lines + 6 if any(it.get("caption") for it in items) else 0
+    rt_h = 16 * row_title_lines + 4 if row_titles else 0
     cell_w = max(thumb, 6 * caption_width) + 2 * pad
     cell_h = thumb + cap_h + rt_h + pad
-    top = 50 if title else 10
-    width = ncols * cell_w + 20
-    height = nrows * cell_h + top + 10
+    top = 45 if title else 5
+    plot_w, plot_h = ncols * cell_w, nrows * cell_h  # the plotting area: paper coordinates span it
     fig = go.Figure()
     annotations, shapes = [], []
     for i, item in enumerate(items):
         r, c = divmod(i, ncols)
         k = "" if i == 0 else str(i + 1)
-        # pixel box of the image, converted to paper fractions (y from the bottom)
-        x0 = 10 + c * cell_w + (cell_w - thumb) / 2
-        y_top = top + r * cell_h + rt_h
-        dom_x = [x0 / width, (x0 + thumb) / width]
-        dom_y = [1 - (y_top + thumb) / height, 1 - y_top / height]
+        x0 = c * cell_w + (cell_w - thumb) / 2  # pixel box of the image from the plot area's top left
+        y0 = r * cell_h + rt_h
+        dom_x = [x0 / plot_w, (x0 + thumb) / plot_w]
+        dom_y = [1 - (y0 + thumb) / plot_h, 1 - y0 / plot_h]
         fig.add_trace(go.Image(source=thumbnail_uri(item["image"], thumb), x0=0, y0=0, dx=1, dy=1,
                                xaxis=f"x{k}", yaxis=f"y{k}", hoverinfo="skip"))
         fig.layout[f"xaxis{k}"] = dict(domain=dom_x, visible=False, range=[-0.5, thumb - 0.5], fixedrange=True)
-        fig.layout[f"yaxis{k}"] = dict(domain=dom_y, visible=False, range=[thumb - 0.5, -0.5], fixedrange=True,
-                                       scaleanchor=f"x{k}")
+        fig.layout[f"yaxis{k}"] = dict(domain=dom_y, visible=False, range=[thumb - 0.5, -0.5], fixedrange=True)
         if item.get("border"):
-            shapes.append(dict(type="rect", xref="paper", yref="paper", x0=dom_x[0] - 2 / width,
-                               x1=dom_x[1] + 2 / width, y0=dom_y[0] - 2 / height, y1=dom_y[1] + 2 / height,
+            shapes.append(dict(type="rect", xref="paper", yref="paper", x0=dom_x[0] - 2 / plot_w,
+                               x1=dom_x[1] + 2 / plot_w, y0=dom_y[0] - 2 / plot_h, y1=dom_y[1] + 2 / plot_h,
                                line=dict(color=item["border"], width=4)))
         if item.get("caption"):
             annotations.append(dict(text=_wrap(item["caption"], caption_width, caption_lines), showarrow=False,
-                                    x=(dom_x[0] + dom_x[1]) / 2, y=dom_y[0] - 4 / height, xref="paper",
+                                    x=(dom_x[0] + dom_x[1]) / 2, y=dom_y[0] - 5 / plot_h, xref="paper",
                                     yref="paper", xanchor="center", yanchor="top", align="center",
                                     font=dict(size=11)))
     if row_titles:
         for r, text in enumerate(row_titles[:nrows]):
             annotations.append(dict(text=f"<b>{_wrap(text, int(ncols * cell_w / 7), row_title_lines)}</b>",
-                                    showarrow=False, x=10 / width, y=1 - (top + r * cell_h) / height,
+                                    showarrow=False, x=0.005, y=1 - (r * cell_h) / plot_h,
                                     xref="paper", yref="paper", xanchor="left", yanchor="top", align="left",
                                     font=dict(size=12)))
-    fig.update_layout(title=title, width=width, height=height, margin=dict(l=0, r=0, t=top, b=0),
+    fig.update_layout(title=dict(text=title, x=0.01, xanchor="left") if title else None,
+                      width=plot_w + 20, height=plot_h + top + 10,
+                      margin=dict(l=10, r=10, t=top, b=10, autoexpand=False),
                       annotations=annotations, shapes=shapes, template=TEMPLATE, showlegend=False,
                       plot_bgcolor="white", paper_bgcolor="white")
     return fig

@@ -48,7 +48,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
-from .data import CaptionPairs, CaptionRecord, ManifestError, load_manifest
+from .data import CaptionPairs, CaptionRecord, load_manifest
+from .features import Subset
 from .distributed import gather_features, world_info
 from .methods import Method, get_method, loss_terms
 from .models import LoadedModel, ModelSpec, load_model, save_checkpoint
@@ -156,13 +157,17 @@ class Refiner:
         if self.manifest.kind != "captions":
             raise ConfigError(f"data: {self.manifest.path} is a {self.manifest.kind} manifest; "
                               "post-pre-training needs image-caption pairs")
-        records = [r for r in self.manifest.records() if isinstance(r, CaptionRecord)]
-        records, self.skipped = self._screen(records)
+        all_records = [r for r in self.manifest.records() if isinstance(r, CaptionRecord)]
+        records, self.skipped = self._screen(all_records)
         train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, cfg.seed)
         self.train_records = [records[i] for i in train_idx]
         self.val_records = [records[i] for i in val_idx]
-        self.train_set = CaptionPairs(self.train_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed)
-        self.val_set = CaptionPairs(self.val_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed + 1)
+        images = self._image_cache(all_records, records)
+        self.train_set = CaptionPairs(self.train_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed,
+                                      image_cache=Subset(images, train_idx) if images is not None else None)
+        self.val_set = CaptionPairs(self.val_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed + 1,
+                                    image_cache=Subset(images, val_idx) if images is not None else None)
+        self.teacher_features = self._teacher_cache(all_records, records, train_idx, val_idx)
         if len(self.train_records) < cfg.batch_size:  # type: ignore[operator]
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
                               f"({len(self.train_records)} pairs after the validation split)")
@@ -194,6 +199,54 @@ class Refiner:
             if cleaned is not None and is_readable(cleaned) is None:
                 good.append(cleaned)
         return good, len(records) - len(good)
+
+    def _positions(self, all_records: list, records: list) -> list[int]:
+        """Position of every kept record in the manifest (screening may have dropped some)."""
+        where = {id(r): i for i, r in enumerate(all_records)}
+        by_id = {r.id: i for i, r in enumerate(all_records)}
+        return [where.get(id(r), by_id[r.id]) for r in records]
+
+    def _image_cache(self, all_records: list, records: list):
+        if not self.cfg.image_cache:
+            return None
+        from .features import DecodedImages
+
+        cache = DecodedImages(all_records, self.base.preprocess, self.manifest, progress=self.progress)
+        return Subset(cache, self._positions(all_records, records))
+
+    def _teacher_cache(self, all_records, records, train_idx, val_idx) -> dict | None:
+        """Teacher features of every image and caption of the manifest, from the one feature cache.
+
+        The teacher is frozen and the eval preprocessing deterministic, so these equal the features a
+        teacher forward pass would give at each step (fp32); they are computed once per teacher and
+        data set and reused across epochs and across every run of a sweep."""
+        if not (self.cfg.teacher_cache and self.teacher is not None):
+            return None
+        from .features import dataset_features
+
+        fs = dataset_features(self.base, self.manifest, device=self.device, progress=self.progress)
+        offsets = np.concatenate([[0], np.cumsum([len(r.captions) for r in all_records])])
+        positions = self._positions(all_records, records)
+
+        def caption_rows(subset_idx):
+            # row of each caption of each record in the manifest's flattened caption list (a record
+            # cleaned by on_bad_sample=skip keeps a subset of its captions, in order: map back by text)
+            return [[int(offsets[positions[i]]) + all_records[positions[i]].captions.index(c) for c in records[i].captions]
+                    for i in subset_idx]
+
+        return {"image": fs.image, "text": fs.text,
+                "train": ([positions[i] for i in train_idx], caption_rows(train_idx)),
+                "val": ([positions[i] for i in val_idx], caption_rows(val_idx))}
+
+    def teacher_batch(self, split: str, dataset: CaptionPairs, indices) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached teacher features of these items (None without a teacher cache)."""
+        if self.teacher_features is None:
+            return None
+        image_pos, caption_rows = self.teacher_features[split]
+        idx = [int(i) for i in indices]
+        ti = self.teacher_features["image"][[image_pos[i] for i in idx]]
+        tt = self.teacher_features["text"][[caption_rows[i][dataset.caption_index(i)] for i in idx]]
+        return ti.to(self.device), tt.to(self.device)
 
     def _build_prior(self):
         cfg = self.cfg
@@ -249,16 +302,21 @@ class Refiner:
         return images, tokens
 
     # ------------------------------------------------------------------------------- one step
-    def compute_loss(self, images: torch.Tensor, tokens: torch.Tensor, step: int, *, train: bool) -> dict:
-        """Loss terms for one global batch; with ``train`` also accumulates gradients (OpenCLIP way)."""
+    def compute_loss(self, images: torch.Tensor, tokens: torch.Tensor, step: int, *, train: bool,
+                     teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """Loss terms for one global batch; with ``train`` also accumulates gradients (OpenCLIP way).
+
+        ``teacher``: this rank's teacher features when they come from the cache (else computed here)."""
         cfg, method = self.cfg, self.method
         gen = step_generator(cfg.seed if train else cfg.seed + 7919, step, self.device)
         n_global = images.shape[0] * self.world_size
         extras: dict = {}
-        with torch.no_grad(), self.autocast():
-            if self.teacher is not None:
-                ti, tt = gather_features(self.teacher.encode_image(images).float(), self.teacher.encode_text(tokens).float())
-                extras.update(teacher_image=ti, teacher_text=tt)
+        if self.teacher is not None:
+            if teacher is None:
+                with torch.no_grad(), self.autocast():
+                    teacher = self.teacher.encode_image(images).float(), self.teacher.encode_text(tokens).float()
+            ti, tt = gather_features(*teacher)
+            extras.update(teacher_image=ti, teacher_text=tt)
         if method.needs_prior:
             dim = self.base.embed_dim
             # one z per pair of the global batch, shared by its image and its text
@@ -331,8 +389,10 @@ class Refiner:
         total, count = 0.0, 0
         for start in range(0, len(self.val_records) - global_bs + 1, global_bs):
             first = start + self.rank * local_bs
-            images, tokens = self.load_batch(self.val_set, range(first, first + local_bs))
-            terms = self.compute_loss(images, tokens, start, train=False)
+            items = range(first, first + local_bs)
+            images, tokens = self.load_batch(self.val_set, items)
+            terms = self.compute_loss(images, tokens, start, train=False,
+                                      teacher=self.teacher_batch("val", self.val_set, items))
             total += float(terms["loss"]) * global_bs
             count += global_bs
         self.model.train()
@@ -392,12 +452,14 @@ class Refiner:
             epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
             self.train_set.set_epoch(epoch)
             t0 = time.perf_counter()
-            images, tokens = self.load_batch(self.train_set, self.batch_indices(epoch, batch_in_epoch))
+            items = self.batch_indices(epoch, batch_in_epoch)
+            images, tokens = self.load_batch(self.train_set, items)
             lr = lr_at(step, self.total_steps, cfg)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            terms = self.compute_loss(images, tokens, step, train=True)
+            terms = self.compute_loss(images, tokens, step, train=True,
+                                      teacher=self.teacher_batch("train", self.train_set, items))
             self.all_reduce_gradients()
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)

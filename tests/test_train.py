@@ -117,10 +117,10 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path, micro_base):
         from clip_refine_lab import train
         from clip_refine_lab.config import RunConfig
         original = train.Refiner.compute_loss
-        def compute_loss(self, images, tokens, step, *, train):
+        def compute_loss(self, images, tokens, step, *, train, **kw):
             if train and step == 5:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(self, images, tokens, step, train=train)
+            return original(self, images, tokens, step, train=train, **kw)
         train.Refiner.compute_loss = compute_loss
         train.refine(RunConfig.from_yaml({str(tmp_path / 'cfg.yaml')!r}), progress=False)
     """))
@@ -172,3 +172,28 @@ def test_bad_configurations_are_refused(tmp_path, micro_base):
     refine(micro_config(tmp_path, run_name="y", max_steps=1), progress=False)
     with pytest.raises(ConfigError, match="different configuration"):
         refine(micro_config(tmp_path, run_name="y", max_steps=1, alpha=0.9), progress=False)
+
+
+@pytest.mark.parametrize("method", ["clip-refine", "hycd+l2"])
+def test_teacher_and_image_caches_give_the_same_losses(tmp_path, micro_base, method):
+    plain = refine(micro_config(tmp_path, method=method, run_name="plain", max_steps=4), progress=False)
+    cached = refine(micro_config(tmp_path, method=method, run_name="cached", max_steps=4, teacher_cache=True,
+                                 image_cache=True), progress=False)
+    a, b = read_log(plain), read_log(cached)
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        for key in ("loss", "hycd", "gap"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-6), key
+    va, vb = read_log(plain, "val"), read_log(cached, "val")
+    assert [r["val_loss"] for r in vb] == pytest.approx([r["val_loss"] for r in va], rel=1e-6, abs=1e-6)
+
+
+def test_teacher_cache_is_built_once_and_reused_across_runs(tmp_path, micro_base, monkeypatch):
+    refine(micro_config(tmp_path, run_name="first", max_steps=1, teacher_cache=True), progress=False)
+    from clip_refine_lab import features
+
+    def fail(*a, **k):
+        raise AssertionError("teacher features recomputed")
+
+    monkeypatch.setattr(features, "encode_images", fail)
+    refine(micro_config(tmp_path, run_name="second", max_steps=1, teacher_cache=True, alpha=0.3), progress=False)
