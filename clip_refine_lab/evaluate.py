@@ -5,10 +5,12 @@ A *suite* says what to measure::
     zero_shot: [shape, colour, ...]         # classification manifests (paths or world task names)
     retrieval: [synthetic-retrieval]        # caption manifests: recall@k both directions
     geometry: [synthetic-retrieval]         # caption manifests: gap, alignment, uniformity
+    linear_probe:                           # optional: logistic regression on frozen image features
+      - {train: imagenet1k_train.yaml, test: imagenet1k.yaml}   # (the paper's Table 7)
 
 Names that are not files are looked up in the embedded world of the run's preset. The default
 suite is the embedded world's (every zero-shot task incl. the shifted variants; synthetic-retrieval
-for retrieval and geometry). ``data_manifests/suite-paper.yaml`` is the paper's (12 zero-shot sets,
+for retrieval and geometry). ``data_manifests/suites/paper.yaml`` is the paper's (12 zero-shot sets,
 COCO val2017 and Flickr30K test).
 
 Geometry is measured on each image paired with its *first* caption (N images, N texts): the gap
@@ -32,8 +34,8 @@ import yaml
 
 from .config import PRESETS, RunConfig, preset_name
 from .features import FeatureSet, dataset_features
-from .metrics import (alignment, class_embeddings, classification_metrics, modality_gap, pooled_uniformity,
-                      retrieval_metrics, shift_along_gap, zero_shot_logits)
+from .metrics import (alignment, class_embeddings, classification_metrics, linear_probe, modality_gap,
+                      pooled_uniformity, retrieval_metrics, shift_along_gap, zero_shot_logits)
 from .models import LoadedModel, load_model, reload_spec
 from .utils import atomic_write, atomic_write_json
 
@@ -45,6 +47,7 @@ class Suite:
     zero_shot: list[Path] = field(default_factory=list)
     retrieval: list[Path] = field(default_factory=list)
     geometry: list[Path] = field(default_factory=list)
+    linear_probe: list[tuple[Path, Path]] = field(default_factory=list)  # (train, test) classification manifests
 
 
 def _world(preset: str | None):
@@ -75,11 +78,17 @@ def load_suite(path: str | os.PathLike | None, preset: str | None = None) -> Sui
         return default_suite(preset)
     path = Path(path)
     spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"zero_shot", "retrieval", "geometry"}
+    unknown = set(spec) - {"zero_shot", "retrieval", "geometry", "linear_probe"}
     if unknown:
-        raise ValueError(f"{path}: unknown suite fields {sorted(unknown)}; use zero_shot, retrieval, geometry")
-    return Suite(*[[resolve_manifest(n, preset, path.parent) for n in spec.get(k) or []]
-                   for k in ("zero_shot", "retrieval", "geometry")])
+        raise ValueError(f"{path}: unknown suite fields {sorted(unknown)}; use zero_shot, retrieval, geometry, linear_probe")
+    suite = Suite(*[[resolve_manifest(n, preset, path.parent) for n in spec.get(k) or []]
+                    for k in ("zero_shot", "retrieval", "geometry")])
+    for i, pair in enumerate(spec.get("linear_probe") or []):
+        if not isinstance(pair, dict) or set(pair) != {"train", "test"}:
+            raise ValueError(f"{path}: linear_probe item {i} must be a mapping with 'train' and 'test'")
+        suite.linear_probe.append((resolve_manifest(pair["train"], preset, path.parent),
+                                   resolve_manifest(pair["test"], preset, path.parent)))
+    return suite
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -120,6 +129,11 @@ def evaluate_model(loaded: LoadedModel, suite: Suite, *, device: str | torch.dev
     feats = lambda m: dataset_features(loaded, m, device=device, data_root=data_root, progress=progress,  # noqa: E731
                                        weights_fp=fp)
     result: dict = {"zero_shot": {}, "retrieval": {}, "geometry": {}}
+    if suite.linear_probe:
+        result["linear_probe"] = {}
+    for train_m, test_m in suite.linear_probe:
+        train_fs, test_fs = feats(train_m), feats(test_m)
+        result["linear_probe"][test_fs.name] = linear_probe(train_fs.image, train_fs.labels, test_fs.image, test_fs.labels)
     for m in suite.zero_shot:
         fs = feats(m)
         result["zero_shot"][fs.name] = zero_shot_scores(fs)
@@ -256,7 +270,11 @@ def compare(runs: Iterable[str | os.PathLike | dict], *, evaluate_missing: bool 
     geo = pd.DataFrame({m: {(ds, k): v[k] for ds, v in r["geometry"].items()
                             for k in ("gap_l2", "gap_mse", "alignment", "uniformity_log", "uniformity_rbf")}
                         for m, r in models.items()}).T
-    return {"zero_shot": zs, "retrieval": ret, "geometry": geo}
+    tables = {"zero_shot": zs, "retrieval": ret, "geometry": geo}
+    if any(r.get("linear_probe") for r in models.values()):
+        tables["linear_probe"] = pd.DataFrame({m: {ds: 100 * v["top1"] for ds, v in (r.get("linear_probe") or {}).items()}
+                                               for m, r in models.items()}).T
+    return tables
 
 
 def format_tables(result_or_tables: dict) -> str:
@@ -265,7 +283,10 @@ def format_tables(result_or_tables: dict) -> str:
     parts = []
     for title, key, fmt in (("Table 1: zero-shot top-1 (%)", "zero_shot", "{:.2f}"),
                             ("Table 2: retrieval recall (%)", "retrieval", "{:.2f}"),
-                            ("Table 3: modality gap, alignment, uniformity", "geometry", "{:.4f}")):
+                            ("Table 3: modality gap, alignment, uniformity", "geometry", "{:.4f}"),
+                            ("Linear probe top-1 (%)", "linear_probe", "{:.2f}")):
+        if key not in tables:
+            continue
         df = tables[key]
         parts.append(f"{title}\n{df.to_string(float_format=lambda v: fmt.format(v))}" if not df.empty else f"{title}\n(none)")
     leak = result_or_tables.get("leakage", {}) if "models" in result_or_tables else {}

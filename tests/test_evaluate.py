@@ -113,3 +113,31 @@ def test_cli_refine_and_eval_end_to_end(capsys, tmp_path, micro_base):
     assert (cfg.method, cfg.alpha, cfg.max_steps) == ("hycd", 0.3, 2)
     assert main(["--quiet", "eval", str(tmp_path / "cli"), "--device", "cpu"]) == 0
     assert "Table 3" in capsys.readouterr().out
+
+
+def test_suite_file_with_linear_probe(tmp_path, micro_world, micro_base):
+    from clip_refine_lab.evaluate import evaluate_model, load_suite
+
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text("zero_shot: [colour]\nretrieval: []\ngeometry: [synthetic-retrieval]\n"
+                          "linear_probe:\n  - {train: val/colour, test: colour}\n")
+    suite = load_suite(suite_file, "micro")
+    result = evaluate_model(load_model(str(micro_base)), suite, progress=False)
+    assert set(result["zero_shot"]) == {"colour"} and not result["retrieval"]
+    assert 0.0 <= result["linear_probe"]["colour"]["top1"] <= 1.0
+    tables = compare([{"models": {"pre-trained": result}}])
+    assert "linear_probe" in tables and tables["linear_probe"].shape == (1, 1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("zero_shot: [colour]\nzeroshot: [shape]\n")
+    with pytest.raises(ValueError, match="unknown suite fields"):
+        load_suite(bad, "micro")
+
+
+def test_shipped_suites_resolve(tmp_path):
+    from pathlib import Path
+
+    from clip_refine_lab.evaluate import load_suite
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "data_manifests" / "suites").glob("*.yaml")):
+        suite = load_suite(path)
+        assert suite.zero_shot and all(p.is_file() for p in suite.zero_shot + suite.retrieval + suite.geometry)
