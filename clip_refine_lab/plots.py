@@ -75,11 +75,7 @@ def save_png(fig: Any, path: str | os.PathLike, *, width: int | None = None, hei
 
     Width and height default to the figure's layout size (700 x 500 when it has none).
     """
-    import logging
-
     _ensure_browser()
-    # choreographer logs (and ignores) a harmless JSON error when a large reply arrives in pieces
-    logging.getLogger("choreographer.channels.pipe").setLevel(logging.CRITICAL)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = go.Figure(fig) if not isinstance(fig, go.Figure) else fig
