@@ -277,7 +277,8 @@ class CaptionPairs:
 
     Each item uses one caption of its image, drawn deterministically from (seed, epoch, index) so
     that a resumed run sees exactly the captions an uninterrupted run would (the paper uses one
-    random caption per image per step). Call :meth:`set_epoch` at the start of every epoch.
+    random caption per image per step). Index with ``(index, epoch)`` — what the trainer's sampler
+    yields, so DataLoader workers need no shared state — or with a plain index after :meth:`set_epoch`.
     """
 
     def __init__(self, records: Sequence[CaptionRecord], preprocess, tokenizer, seed: int = 0,
@@ -287,7 +288,7 @@ class CaptionPairs:
         self.tokenizer = tokenizer
         self.seed = seed
         self.epoch = 0
-        self.image_cache = image_cache  # optional tensor (N, 3, H, W) of preprocessed images
+        self.image_cache = image_cache  # optional: indexable of preprocessed image tensors
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -295,19 +296,20 @@ class CaptionPairs:
     def __len__(self) -> int:
         return len(self.records)
 
-    def caption_index(self, index: int) -> int:
+    def caption_index(self, index: int, epoch: int | None = None) -> int:
         n = len(self.records[index].captions)
         if n == 1:
             return 0
-        return int(np.random.default_rng((self.seed, self.epoch, index)).integers(n))
+        return int(np.random.default_rng((self.seed, self.epoch if epoch is None else epoch, index)).integers(n))
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
         rec = self.records[index]
         if self.image_cache is not None:
             image = self.image_cache[index]
         else:
             image = self.preprocess(load_image(rec.image))
-        caption = rec.captions[self.caption_index(index)]
+        caption = rec.captions[self.caption_index(index, epoch)]
         tokens = self.tokenizer([caption])[0]
         return image, tokens, index
 

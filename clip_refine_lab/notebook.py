@@ -304,13 +304,12 @@ def run_label(run_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------------- environment
 def setup() -> None:
-    """Notebook-wide settings: torch threads for small machines; quiet warnings nobody can act on."""
+    """Notebook-wide settings: torch threads no more than the cores; quiet sklearn's FutureWarnings."""
     import warnings
 
     import torch
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")  # umap with a fixed seed
     warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
 
 
@@ -555,13 +554,15 @@ def section_names(run_dir: Path, section: str) -> list[str]:
     preset's default suite."""
     from .evaluate import default_suite, run_config
 
+    suite_names = [p.stem for p in getattr(default_suite(run_config(run_dir).preset), section)]
     path = Path(run_dir) / "metrics.json"
     if path.is_file():
         models = json.loads(path.read_text())["models"]
         names = list(next(iter(models.values())).get(section, {}))
-        if names:
-            return names
-    return [p.stem for p in getattr(default_suite(run_config(run_dir).preset), section)]
+        if names:  # the embedded world's tasks in the suite's order (metrics.json sorts them), others after
+            order = {n: i for i, n in enumerate(suite_names)}
+            return sorted(names, key=lambda n: (order.get(n, len(order)), n))
+    return suite_names
 
 
 def dataset_for(run_dir: Path, name: str | None, section: str) -> Path:
@@ -611,15 +612,29 @@ def chance_row(manifests: Iterable, data_root: str | None = None) -> dict[str, f
     return row
 
 
-def i2t_table(example: Mapping):
-    """One image query of :func:`retrieval_examples` as a DataFrame: rank x model, ✓ marking a true caption."""
-    import pandas as pd
+def i2t_html(examples: Sequence[Mapping], thumb: int = 96):
+    """Image queries of :func:`retrieval_examples` as one HTML table: the query image, then each
+    model's top captions (a correct caption in green with ✓)."""
+    import html
 
-    cols = {label: [("✓ " if r["hit"] else "✗ ") + r["caption"] for r in results]
-            for label, results in example["results"].items()}
-    df = pd.DataFrame(cols)
-    df.index = [f"#{i + 1}" for i in range(len(df))]
-    return df
+    from IPython.display import HTML
+
+    from .plots import HIT_COLOUR, thumbnail_uri
+
+    if not examples:
+        return HTML("<i>(no image queries)</i>")
+    labels = list(examples[0]["results"])
+    head = "".join(f"<th style='text-align:left'>{html.escape(lab)}</th>" for lab in labels)
+    rows = []
+    for ex in examples:
+        cells = [f"<td><img src='{thumbnail_uri(ex['image'], thumb)}' width='{thumb}' height='{thumb}'></td>"]
+        for lab in labels:
+            items = "".join(
+                f"<li style='color:{HIT_COLOUR if r['hit'] else 'inherit'}'>{'✓ ' if r['hit'] else ''}"
+                f"{html.escape(r['caption'])}</li>" for r in ex["results"][lab])
+            cells.append(f"<td style='text-align:left;vertical-align:top'><ol style='margin:0'>{items}</ol></td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return HTML(f"<table class='crl-i2t'><tr><th>image query</th>{head}</tr>{''.join(rows)}</table>")
 
 
 def styled(df, fmt: str = "{:.2f}"):

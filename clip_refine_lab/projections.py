@@ -71,13 +71,17 @@ def project(x: np.ndarray, method: str = "pca", dims: int = 2, *, n_neighbors: i
         from sklearn.decomposition import PCA
 
         return PCA(n_components=dims, random_state=seed).fit_transform(x)
-    import umap  # first import compiles with numba (~20 s, once per process)
+    import warnings
+
+    import umap  # the first fit compiles with numba (~20 s, once per process)
 
     k = max(2, min(int(n_neighbors), n - 1))
     # spectral initialisation needs a reasonably sized graph; random is fine for a handful of points
     reducer = umap.UMAP(n_components=dims, n_neighbors=k, min_dist=0.1, random_state=seed,
                         init="spectral" if n > 30 else "random")
-    return reducer.fit_transform(x)
+    with warnings.catch_warnings():  # "n_jobs overridden by setting random_state": we want repeatable
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*")
+        return reducer.fit_transform(x)
 
 
 def projection_frame(feature_sets: Mapping[str, object], *, method: str = "pca", dims: int = 2, sample_size: int = 300,

@@ -238,14 +238,14 @@ class Refiner:
                 "train": ([positions[i] for i in train_idx], caption_rows(train_idx)),
                 "val": ([positions[i] for i in val_idx], caption_rows(val_idx))}
 
-    def teacher_batch(self, split: str, dataset: CaptionPairs, indices) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def teacher_batch(self, split: str, dataset: CaptionPairs, indices, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Cached teacher features of these items (None without a teacher cache)."""
         if self.teacher_features is None:
             return None
         image_pos, caption_rows = self.teacher_features[split]
         idx = [int(i) for i in indices]
         ti = self.teacher_features["image"][[image_pos[i] for i in idx]]
-        tt = self.teacher_features["text"][[caption_rows[i][dataset.caption_index(i)] for i in idx]]
+        tt = self.teacher_features["text"][[caption_rows[i][dataset.caption_index(i, epoch)] for i in idx]]
         return ti.to(self.device), tt.to(self.device)
 
     def _build_prior(self):
@@ -295,11 +295,24 @@ class Refiner:
         glob = order[start:start + self.cfg.batch_size]  # type: ignore[operator]
         return glob[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
 
-    def load_batch(self, dataset: CaptionPairs, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [dataset[int(i)] for i in indices]
-        images = torch.stack([it[0] for it in items]).to(self.device, non_blocking=True)
-        tokens = torch.stack([it[1] for it in items]).to(self.device, non_blocking=True)
-        return images, tokens
+    def load_batch(self, dataset: CaptionPairs, indices, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load items in this process (validation, tests); training goes through :meth:`train_loader`."""
+        images, tokens, _ = collate_pairs([dataset[(int(i), epoch)] for i in indices])
+        return images.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
+
+    def train_loader(self, start_step: int) -> torch.utils.data.DataLoader:
+        """Batches of steps start_step, start_step + 1, ... in order, loaded by ``num_workers`` processes."""
+        steps = range(start_step, self.total_steps)
+
+        def batches():
+            for step in steps:
+                epoch, b = divmod(step, self.steps_per_epoch)
+                yield [(int(i), epoch) for i in self.batch_indices(epoch, b)]
+
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=_Batches(batches, len(steps)), num_workers=self.cfg.num_workers,
+            collate_fn=collate_pairs, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers else None)
 
     # ------------------------------------------------------------------------------- one step
     def compute_loss(self, images: torch.Tensor, tokens: torch.Tensor, step: int, *, train: bool,
@@ -448,18 +461,18 @@ class Refiner:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=step, desc=f"refine {cfg.method}",
                    disable=not self.progress or self.rank != 0)
+        batches = iter(self.train_loader(step))
         while step < self.total_steps:
-            epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
-            self.train_set.set_epoch(epoch)
+            epoch = step // self.steps_per_epoch
             t0 = time.perf_counter()
-            items = self.batch_indices(epoch, batch_in_epoch)
-            images, tokens = self.load_batch(self.train_set, items)
+            images, tokens, items = next(batches)
+            images, tokens = images.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
             lr = lr_at(step, self.total_steps, cfg)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
             terms = self.compute_loss(images, tokens, step, train=True,
-                                      teacher=self.teacher_batch("train", self.train_set, items))
+                                      teacher=self.teacher_batch("train", self.train_set, items, epoch))
             self.all_reduce_gradients()
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -499,6 +512,23 @@ class Refiner:
                 "train_pairs": len(self.train_records), "val_pairs": len(self.val_records),
                 "world_size": self.world_size})
         return self.run_dir
+
+
+class _Batches(torch.utils.data.Sampler):
+    """A batch sampler over a precomputed sequence of index lists (one per optimiser step)."""
+
+    def __init__(self, make, length: int):
+        self.make, self.length = make, length
+
+    def __iter__(self):
+        return iter(self.make())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def collate_pairs(items: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    return (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]), [it[2] for it in items])
 
 
 def beta_inverse_cdf(beta: float, u: float) -> float:

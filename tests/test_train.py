@@ -197,3 +197,10 @@ def test_teacher_cache_is_built_once_and_reused_across_runs(tmp_path, micro_base
 
     monkeypatch.setattr(features, "encode_images", fail)
     refine(micro_config(tmp_path, run_name="second", max_steps=1, teacher_cache=True, alpha=0.3), progress=False)
+
+
+def test_worker_processes_load_the_same_batches(tmp_path, micro_base):
+    a = refine(micro_config(tmp_path, run_name="w0", max_steps=3), progress=False)
+    b = refine(micro_config(tmp_path, run_name="w2", max_steps=3, num_workers=2), progress=False)
+    strip = lambda log: [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in log]  # noqa: E731
+    assert strip(read_log(a)) == strip(read_log(b))

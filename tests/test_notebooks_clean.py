@@ -1,0 +1,95 @@
+"""The committed notebooks: thin, parameterised, and without outputs except where nbval compares them.
+
+Fix a failure with ``python -m clip_refine_lab.notebook strip notebooks/*.ipynb`` (keeps the outputs of
+``# NBVAL_CHECK_OUTPUT`` cells; refresh those by executing the notebook on the micro preset first).
+"""
+
+import ast
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from clip_refine_lab.notebook import CHECK_OUTPUT_MARK, NOTEBOOK_PARAMETERS, strip_outputs
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+EXPECTED = sorted(f"{stem}.ipynb" for stem in NOTEBOOK_PARAMETERS)
+PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+HINT = "run `python -m clip_refine_lab.notebook strip notebooks/*.ipynb` before committing"
+
+
+def test_the_seven_notebooks_are_there():
+    assert [p.name for p in PATHS] == EXPECTED
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def code_cells(nb: dict) -> list[dict]:
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def source(cell: dict) -> str:
+    s = cell["source"]
+    return "".join(s) if isinstance(s, list) else s
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_valid_notebook_with_python_kernel(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_no_outputs_except_checked_cells(path):
+    nb = load(path)
+    for i, cell in enumerate(code_cells(nb)):
+        where = f"{path.name}, code cell {i}"
+        assert cell.get("execution_count") is None, f"{where} has an execution count: {HINT}"
+        outputs = cell.get("outputs", [])
+        if CHECK_OUTPUT_MARK in source(cell):
+            assert outputs, f"{where} is marked {CHECK_OUTPUT_MARK} but has no stored output for nbval to compare"
+            for out in outputs:
+                assert out["output_type"] == "stream" and out.get("name") == "stdout", (
+                    f"{where}: a checked cell may only keep printed text, found {out['output_type']}")
+        else:
+            assert outputs == [], f"{where} has outputs: {HINT}"
+        for key in ("execution", "papermill", "ExecuteTime"):
+            assert key not in cell.get("metadata", {}), f"{where} carries run metadata '{key}': {HINT}"
+    assert "widgets" not in nb["metadata"], f"{path.name} stores widget state: {HINT}"
+    assert "papermill" not in nb["metadata"], f"{path.name} is a papermill output, not a source notebook"
+    assert strip_outputs(load(path)) == nb
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_parameters_cell_is_plain_literals(path):
+    nb = load(path)
+    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters' (papermill)"
+    cell = tagged[0]
+    assert cell["cell_type"] == "code" and code_cells(nb)[0] is cell, "the parameters cell is the first code cell"
+    names = []
+    for node in ast.parse(source(cell)).body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name), (
+            f"{path.name}: the parameters cell may only hold `name = literal` lines")
+        ast.literal_eval(node.value)  # raises on anything but a plain literal
+        names.append(node.targets[0].id)
+    assert names == list(NOTEBOOK_PARAMETERS[path.stem]), (
+        f"{path.name}: parameters cell and clip_refine_lab.notebook.NOTEBOOK_PARAMETERS disagree")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_parameters_are_checked_right_after(path):
+    cells = code_cells(load(path))
+    assert f'check_parameters(globals(), "{path.stem}")' in source(cells[1]), (
+        f"{path.name}: the cell after the parameters must call nb.check_parameters(globals(), \"{path.stem}\")")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_notebooks_stay_thin(path):
+    for i, cell in enumerate(code_cells(load(path))):
+        lines = [line for line in source(cell).splitlines() if line.strip() and not line.strip().startswith("#")]
+        assert len(lines) <= 25, f"{path.name}, code cell {i}: {len(lines)} lines; move logic into the library"
