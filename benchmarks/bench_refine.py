@@ -26,6 +26,7 @@ Usage::
     python benchmarks/bench_refine.py                          # CPU: tiny (all methods) + ViT-B-32 (clip-refine)
     python benchmarks/bench_refine.py --device cuda --peak-tflops 989.4   # GPU, bf16, MFU column
     python benchmarks/bench_refine.py --models ViT-B-32 --methods all --steps 3 --batch-size 64
+    python benchmarks/bench_refine.py --models tiny-vit-48 --methods clip-refine --teacher both --profile 15
     python benchmarks/bench_refine.py --quick                  # smoke test: micro world, tiny model, 1 step
 
 This file also holds the small helpers the other benchmark scripts share (machine description,
@@ -51,8 +52,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 # Defaults per device and model: (batch size, timed steps, warm-up steps after the counted one, methods).
-# CPU sizes keep the default run to a few minutes on 2 cores (one ViT-B-32 step at batch 64 takes
-# about a minute there, so only clip-refine by default; the others cost the same with a cached teacher).
+# CPU sizes keep the default run near 10 minutes on 2 busy shared cores (one ViT-B-32 step at batch 64
+# takes about 40 s there, so only clip-refine by default; with a cached teacher every method does the
+# same model work, which the tiny rows show).
 DEFAULTS = {
     "cpu": {"tiny-vit-48": (256, 3, 1, "all"), "ViT-B-32": (64, 2, 0, "clip-refine")},
     "cuda": {"tiny-vit-48": (1024, 20, 3, "all"), "ViT-B-32": (256, 20, 3, "all")},
@@ -165,7 +167,7 @@ def flop_counter():
 
 # -------------------------------------------------------------------------------- one bench
 def bench_method(arch: str, method: str, *, device: str, precision: str, batch_size: int, steps: int, warmup: int,
-                 teacher_mode: str, world: str, workdir: str) -> dict:
+                 teacher_mode: str, world: str, workdir: str, profile: int = 0) -> dict:
     """Time the Refiner's optimiser step for one (model, method, teacher mode)."""
     import torch
 
@@ -217,6 +219,21 @@ def bench_method(arch: str, method: str, *, device: str, precision: str, batch_s
         one_step(1 + warmup + k)
         sync(device)
         times.append(time.perf_counter() - t0)
+    table = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        cuda = torch.device(device).type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
+            one_step(1 + warmup + steps)
+            sync(device)
+        averages = prof.key_averages()
+        key = "self_cpu_time_total"
+        if cuda:  # named self_device_time_total in recent torch, self_cuda_time_total before
+            key = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
+        table = averages.table(sort_by=key, row_limit=profile)
     del refiner, model, optimizer, batches
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -225,7 +242,7 @@ def bench_method(arch: str, method: str, *, device: str, precision: str, batch_s
     return {"model": arch, "px": None, "method": method, "teacher": teacher_mode if needs_teacher else "none",
             "batch": batch_size, "precision": precision, "steps": steps, "step_ms": 1e3 * step_s,
             "pairs_per_s": batch_size / step_s, "gflop_per_step": flops / 1e9,
-            "tflops": flops / step_s / 1e12, "times_s": times}
+            "tflops": flops / step_s / 1e12, "times_s": times, "profile": table}
 
 
 def image_size(arch: str) -> int | None:
@@ -259,6 +276,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="embedded world whose synthetic-coco split feeds the batches")
     p.add_argument("--cache", default=None, help="CLIP_REFINE_LAB_CACHE to use (default: the usual one)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one more step of each row (torch.profiler) and print its top N ops")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: micro world, tiny-vit-48 only, batch 16, 1 timed step")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -299,7 +318,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     modes = ["none"]
                 for mode in modes:
                     row = bench_method(arch, method, device=device, precision=precision, batch_size=batch,
-                                       steps=steps, warmup=warmup, teacher_mode=mode, world=world, workdir=workdir)
+                                       steps=steps, warmup=warmup, teacher_mode=mode, world=world, workdir=workdir,
+                                       profile=args.profile)
                     row["px"] = px
                     if args.peak_tflops:
                         row["mfu"] = row["tflops"] / args.peak_tflops
@@ -311,6 +331,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                ("gflop_per_step", "GFLOP/step"), ("tflops", "TFLOP/s")]
     if args.peak_tflops:
         columns.append(("mfu", f"MFU (peak {args.peak_tflops:g} TFLOP/s)"))
+    for row in rows:
+        if row.get("profile"):
+            print(f"\n## profile of one step: {row['model']} {row['method']} teacher={row['teacher']} "
+                  f"batch {row['batch']} ({precision})\n{row['profile']}")
     print()
     print(format_table(rows, columns))
     if args.json:

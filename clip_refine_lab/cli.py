@@ -106,6 +106,12 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import cmd_sweep as run_sweep_command
+
+    return run_sweep_command(args)
+
+
 def cmd_data_check(args) -> int:
     from .datacheck import run_data_check
 
@@ -161,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="paper-layout tables of several evaluated runs")
     p.add_argument("run_dirs", nargs="+")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="run a grid of runs from a spec (sweeps/*.yaml), evaluate them and write the "
+                                     "paper's tables (mean ± std over seeds) and figures")
+    from .sweep import add_sweep_arguments
+
+    add_sweep_arguments(p)
+    p.set_defaults(func=cmd_sweep)
 
     data = sub.add_parser("data", help="check, compare and filter data sets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="find missing/corrupt images, empty captions, bad labels, duplicates")

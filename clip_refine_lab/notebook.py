@@ -644,18 +644,21 @@ def styled(df, fmt: str = "{:.2f}"):
 
 # ------------------------------------------------------------------------------ notebook cleaning
 def strip_outputs(nb: dict) -> dict:
-    """Clear outputs and execution counts except in ``# NBVAL_CHECK_OUTPUT`` cells; drop widget state."""
+    """Clear outputs and execution counts except in ``# NBVAL_CHECK_OUTPUT`` cells; drop run metadata and
+    widget state. Checked cells keep their outputs and an execution count (nbval refuses a cell that
+    has outputs but no count: "Unrun reference cell has outputs")."""
     for cell in nb.get("cells", []):
         if cell.get("cell_type") != "code":
             continue
         source = "".join(cell.get("source", ""))
-        if CHECK_OUTPUT_MARK not in source:
-            cell["outputs"] = []
-        else:
-            for out in cell.get("outputs", []):
+        if CHECK_OUTPUT_MARK in source and cell.get("outputs"):
+            cell["execution_count"] = cell.get("execution_count") or 1
+            for out in cell["outputs"]:
                 if "execution_count" in out:
-                    out["execution_count"] = None
-        cell["execution_count"] = None
+                    out["execution_count"] = cell["execution_count"]
+        else:
+            cell["outputs"] = []
+            cell["execution_count"] = None
         md = cell.get("metadata", {})
         for key in ("execution", "papermill", "collapsed", "scrolled", "ExecuteTime"):
             md.pop(key, None)

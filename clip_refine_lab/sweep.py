@@ -23,8 +23,10 @@ finds its runs again: finished ones are skipped (``refine`` is not even called),
 resumed from their last checkpoint by :func:`~clip_refine_lab.train.refine`, and a run directory that
 holds a *different* configuration (the spec changed under the same name) is reported as a failure
 rather than silently reused. Every finished run is evaluated once (``metrics.json``) with the
-evaluation suite. A failed run is logged in ``sweep.jsonl`` and the sweep goes on; the summary lists
-the failures.
+evaluation suite (the spec's or the block's ``suite:``: a suite YAML or an inline mapping; default: the
+embedded world's). Runs with the same configuration and suite in several blocks (the default point of
+every sweep) are run once and shared. A failed run is logged in ``sweep.jsonl`` and the sweep goes on;
+the summary lists the failures.
 
 Derived data sets (Table 5 analogue) are written into ``<sweep dir>/data/`` on first use: a ``data``
 value may be a mapping ``{split: synthetic-web, size: 5000}`` (the first ``size`` pairs: the world's
@@ -57,13 +59,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from .config import METHOD_NAMES, PRESETS, ConfigError, RunConfig, preset_name
+from .config import PRESETS, ConfigError, RunConfig, preset_name
 from .utils import atomic_write, atomic_write_json
 
 PRETRAINED = "pre-trained"
 TABLE_KINDS = ("main", "prior", "alpha", "batch", "epochs", "weights", "data", "backbone", "none")
 SPEC_KEYS = ("name", "description", "preset", "output_dir", "seeds", "base", "blocks", "evaluate", "suite", "device")
-BLOCK_KEYS = ("table", "description", "base", "seeds", "grid", "runs", "x", "series")
+BLOCK_KEYS = ("table", "description", "base", "seeds", "grid", "runs", "suite", "x", "series")
 ENTRY_KEYS = ("label", "name")  # keys of a run entry that are not RunConfig fields
 MANAGED_FIELDS = {"seed": "use 'seeds:'", "output_dir": "the sweep sets it (<sweep dir>/runs/<block>)",
                   "run_name": "the sweep names runs from their varied values", "preset": "use the spec's 'preset:'"}
@@ -76,6 +78,8 @@ ABBREV = {"alpha": "alpha", "batch_size": "bs", "accum_steps": "acc", "epochs": 
           "prior_sigma": "sigma", "prior_mean": "mu", "prior_low": "low", "prior_high": "high",
           "temperature": "T", "learning_rate": "lr", "lr": "lr", "feature_space": "", "prior": "", "method": "",
           "model": "", "data": ""}
+#: Varied fields that lead a run's name (then the others, in spec order).
+NAME_FIRST = ("method", "model", "data", "prior")
 #: Default x axis of the sweep figures, per table kind.
 DEFAULT_X = {"alpha": "alpha", "batch": "batch_size", "epochs": "epochs", "weights": "hycd_weight"}
 #: Fields that change with the x value but are not a series of their own (gradient accumulation).
@@ -127,6 +131,7 @@ class Block:
     seeds: list[int] | None = None
     grid: dict[str, list] = field(default_factory=dict)
     runs: list[dict] = field(default_factory=list)
+    suite: Any = None  # suite of this block's evaluation: a YAML path or an inline mapping; None = the spec's
     x: str | None = None
     series: str | None = None
 
@@ -140,7 +145,7 @@ class SweepSpec:
     preset: str | None = None
     output_dir: str | None = None
     evaluate: bool = True
-    suite: str | None = None
+    suite: Any = None  # a suite YAML path or an inline {zero_shot, retrieval, geometry} mapping; None = default
     device: str = "auto"
     description: str = ""
     path: Path | None = None  # where it was read from (error messages, relative suite paths)
@@ -151,7 +156,7 @@ class SweepSpec:
                                "evaluate": self.evaluate, "suite": self.suite, "device": self.device, "blocks": {}}
         for b in self.blocks:
             d: dict[str, Any] = {"table": b.table}
-            for k in ("description", "base", "seeds", "grid", "runs", "x", "series"):
+            for k in ("description", "base", "seeds", "grid", "runs", "suite", "x", "series"):
                 v = getattr(b, k)
                 if v:
                     d[k] = v
@@ -229,6 +234,22 @@ def _seeds(where: str, value: Any) -> list[int]:
     return list(value)
 
 
+SUITE_KEYS = ("zero_shot", "retrieval", "geometry")
+
+
+def _check_suite(where: str, suite: Any) -> Any:
+    if suite is None or isinstance(suite, str):
+        return suite
+    if not isinstance(suite, Mapping):
+        raise SweepError(f"{where}: suite must be a suite YAML path or a mapping of {', '.join(SUITE_KEYS)}")
+    for k, v in suite.items():
+        if k not in SUITE_KEYS:
+            raise SweepError(f"{where}: suite: unknown key '{k}'{_hint(str(k), SUITE_KEYS)}; known: {', '.join(SUITE_KEYS)}")
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise SweepError(f"{where}: suite: '{k}' must be a list of world names or manifest paths")
+    return {k: list(suite.get(k) or []) for k in SUITE_KEYS}
+
+
 def parse_spec(values: Mapping, *, where: str = "sweep spec", path: Path | None = None) -> SweepSpec:
     """Validate a spec mapping; raise :class:`SweepError` naming the block and field of the first problem."""
     if not isinstance(values, Mapping):
@@ -299,14 +320,16 @@ def parse_spec(values: Mapping, *, where: str = "sweep spec", path: Path | None 
             if v is not None and v not in _FIELDS:
                 raise SweepError(f"{bw}: {key}: unknown RunConfig field '{v}'{_hint(str(v), _FIELDS)}")
         bseeds = _seeds(bw, b["seeds"]) if "seeds" in b else None
-        blocks.append(Block(bname, table, str(b.get("description") or ""), bbase, bseeds, grid, runs, x, series))
+        bsuite = _check_suite(bw, b.get("suite"))
+        blocks.append(Block(bname, table, str(b.get("description") or ""), bbase, bseeds, grid, runs, bsuite, x, series))
     evaluate = values.get("evaluate", True)
     if not isinstance(evaluate, bool):
         raise SweepError(f"{where}: 'evaluate' must be true or false, got {evaluate!r}")
     name = values.get("name") or (path.stem if path else "sweep")
     if _safe(str(name)) != str(name):
         raise SweepError(f"{where}: name {name!r} must consist of letters, digits, '.', '_', '-'")
-    spec = SweepSpec(str(name), blocks, seeds, base, preset, values.get("output_dir"), evaluate, values.get("suite"),
+    spec = SweepSpec(str(name), blocks, seeds, base, preset, values.get("output_dir"), evaluate,
+                     _check_suite(where, values.get("suite")),
                      str(values.get("device") or "auto"), str(values.get("description") or ""), path)
     expand(spec, Path("/nonexistent-sweep-dir"))  # validates every run's RunConfig (pure, nothing is written)
     return spec
@@ -373,6 +396,18 @@ class PlannedRun:
     config: RunConfig  # complete, validated (not resolved: preset defaults are filled at run time)
     data_ref: DataRef | None = None
     data_path: Path | None = None
+    suite: Any = None  # the evaluation suite (YAML path, inline mapping, or None = the default suite)
+    varied: tuple = ()  # every field the block varies (a run's params may set only some of them)
+    alias_of: "PlannedRun | None" = None  # an earlier run with the same configuration and suite: its results are shared
+
+    @property
+    def source(self) -> "PlannedRun":
+        """The run whose directory holds this run's results (itself, or the identical run it shares)."""
+        return self.alias_of or self
+
+    @property
+    def suite_id(self) -> str:
+        return "default" if self.suite is None else json.dumps(self.suite, sort_keys=True)
 
     @property
     def run_name(self) -> str:
@@ -396,21 +431,44 @@ def _combos(block: Block) -> list[dict]:
 
 def expand(spec: SweepSpec, sweep_dir: str | os.PathLike, *, only: Sequence[str] | None = None) -> list[PlannedRun]:
     """Every run of the spec, in order (blocks in spec order; seed by seed, so a partial sweep has every
-    configuration of seed 0 first). Pure: nothing is read or written."""
-    sweep_dir = Path(sweep_dir)
-    preset = preset_name(spec.preset)
+    configuration of seed 0 first). Pure: nothing is read or written.
+
+    A run whose configuration and evaluation suite equal an earlier run's (e.g. the alpha = 0.5 point of
+    an alpha sweep and the CLIP-Refine row of the main table) is not run twice: ``alias_of`` names the
+    earlier run, whose results it shares (``only`` keeps the link when the earlier run's block is left out)."""
+    runs = _expand_all(spec, Path(sweep_dir))
     names = [b.name for b in spec.blocks]
     for o in only or []:
         if o not in names:
             raise SweepError(f"no block '{o}' in the spec{_hint(o, names)}; blocks: {', '.join(names)}")
+    first: dict[str, PlannedRun] = {}
+    for r in runs:
+        key = json.dumps([_config_key(r.config), r.suite_id], sort_keys=True, default=str)
+        if key in first:
+            r.alias_of = first[key]
+        else:
+            first[key] = r
+    return [r for r in runs if not only or r.block in only]
+
+
+def _config_key(cfg: RunConfig) -> dict:
+    d = cfg.resolved().to_dict()
+    for k in ("output_dir", "run_name", "extra", "log_every"):
+        d.pop(k, None)
+    return d
+
+
+def _expand_all(spec: SweepSpec, sweep_dir: Path) -> list[PlannedRun]:
+    preset = preset_name(spec.preset)
     where0 = str(spec.path or "sweep spec")
     out: list[PlannedRun] = []
     for block in spec.blocks:
-        if only and block.name not in only:
-            continue
+        suite = block.suite if block.suite is not None else spec.suite
         where = f"{where0}: block '{block.name}'"
         combos = _combos(block)
         varied = list(dict.fromkeys(k for c in combos for k in c if k not in ENTRY_KEYS))
+        varied = sorted(varied, key=lambda k, order=tuple(varied): (
+            NAME_FIRST.index(k) if k in NAME_FIRST else len(NAME_FIRST), order.index(k)))
         seen: dict[str, dict] = {}
         named = []
         for c in combos:
@@ -447,7 +505,8 @@ def expand(spec: SweepSpec, sweep_dir: str | os.PathLike, *, only: Sequence[str]
 
                     if cfg.device == "cpu" or not torch.cuda.is_available():
                         raise SweepError(f"{where}: run '{name}': precision {cfg.precision} needs a GPU; use fp32 on CPU")
-                out.append(PlannedRun(block.name, block.table, name, seed, label, params, cfg, ref, data_path))
+                out.append(PlannedRun(block.name, block.table, name, seed, label, params, cfg, ref, data_path, suite,
+                                      tuple(varied)))
     return out
 
 
@@ -502,13 +561,35 @@ def plan(spec: SweepSpec | str | os.PathLike, output_dir: str | os.PathLike | No
     sweep_dir = Path(output_dir) if output_dir is not None else default_sweep_dir(spec)
     rows = []
     for r in expand(spec, sweep_dir, only=only):
+        src = r.source
         steps = planned_steps(r)
         bs = r.config.batch_size or PRESETS[preset_name(r.config.preset)].batch_size
         rows.append({"block": r.block, "table": r.table, "run": r.run_name, "seed": r.seed, "steps": steps,
-                     "pairs": None if steps is None else steps * bs * (1 + (r.config.accum_steps > 1) / 2),
-                     "finished": (r.run_dir / "summary.json").is_file(),
-                     "evaluated": (r.run_dir / "metrics.json").is_file()})
+                     # pair-passes: the no-grad forward of gradient accumulation costs about a third more
+                     "pairs": None if steps is None else steps * bs * (4 / 3 if r.config.accum_steps > 1 else 1),
+                     "eval_images": suite_images(r, spec.path),
+                     "shared_with": src.key if r.alias_of is not None else None,
+                     "finished": (src.run_dir / "summary.json").is_file(),
+                     "evaluated": (src.run_dir / "metrics.json").is_file()})
     return pd.DataFrame(rows)
+
+
+def suite_images(run: PlannedRun, spec_path: Path | None = None) -> int | None:
+    """Images one evaluation of the run encodes (its suite's zero-shot sets and caption sets), for estimates."""
+    from .world import TASK_NAMES, WorldConfig
+
+    wc = WorldConfig.preset(PRESETS[preset_name(run.config.preset)].world)
+    suite = run.suite
+    if suite is None:
+        return len(TASK_NAMES) * wc.task_size + wc.retrieval_size
+    if isinstance(suite, str):
+        try:
+            suite = yaml.safe_load(_resolve_suite_file(suite, spec_path).read_text()) or {}
+        except (SweepError, OSError, yaml.YAMLError):
+            return None
+    n = sum(wc.task_size for _ in suite.get("zero_shot") or [])
+    captions = set(suite.get("retrieval") or []) | set(suite.get("geometry") or [])
+    return n + wc.retrieval_size * len(captions)
 
 
 # ======================================================================================= running
@@ -559,7 +640,11 @@ def read_log(sweep_dir: str | os.PathLike) -> list[dict]:
 
 
 def config_mismatch(run: PlannedRun) -> list[str]:
-    """Fields where the run directory's saved config differs from the planned one ([] when none saved)."""
+    """Fields where the run directory's saved config differs from the planned one ([] when none saved).
+
+    As ``refine`` does, fields that a resumed run may change (device, workers, logging) are ignored;
+    ``max_steps`` too while the run is unfinished (resuming extends it exactly), but not once it is
+    finished: ``refine`` would return the old result."""
     from .train import RESUMABLE_FIELDS
 
     saved = run.run_dir / "config.yaml"
@@ -567,8 +652,10 @@ def config_mismatch(run: PlannedRun) -> list[str]:
         return []
     previous = RunConfig.from_yaml(saved)
     cfg = run.config.resolved()
+    finished = (run.run_dir / "summary.json").is_file()
+    ignored = set(RESUMABLE_FIELDS) - ({"max_steps"} if finished else set())
     return [f.name for f in dataclasses.fields(RunConfig)
-            if f.name not in RESUMABLE_FIELDS and f.name != "extra" and getattr(previous, f.name) != getattr(cfg, f.name)]
+            if f.name not in ignored and f.name != "extra" and getattr(previous, f.name) != getattr(cfg, f.name)]
 
 
 def prepare_data(run: PlannedRun, *, progress: bool = False) -> Path | None:
@@ -655,7 +742,6 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, output_dir: str | os.PathLike
     t_start = time.time()
     _log(sweep_dir, {"event": "start", "spec": str(spec.path), "preset": preset_name(spec.preset), "runs": len(runs),
                      "only": list(only) if only else None, "max_runs": max_runs})
-    suite = _suite_path(spec)
 
     # one-off preparation: the world and every base model (pre-trained on first use, cached after)
     for arch, preset in _base_models(runs):
@@ -673,15 +759,16 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, output_dir: str | os.PathLike
                 report.failed.append((f"pretrain/{arch}", f"{type(e).__name__}: {e}"))
             report.block_seconds["(base models)"] = report.block_seconds.get("(base models)", 0) + time.time() - t0
 
+    state: dict[str, set] = {"evaluated": set(), "failed": set()}
     bar = tqdm(runs, desc=f"sweep {spec.name}", unit="run", disable=not progress, dynamic_ncols=True)
     for run in bar:
         bar.set_postfix_str(run.key)
         t0 = time.time()
-        status = _one_run(run, sweep_dir, report, evaluate=do_eval, reevaluate=reevaluate, suite=suite,
-                          device=spec.device, progress=run_progress and progress)
+        status = _one_run(run, sweep_dir, report, evaluate=do_eval, reevaluate=reevaluate, spec=spec,
+                          device=spec.device, progress=run_progress and progress, state=state)
         dt = time.time() - t0
         report.block_seconds[run.block] = report.block_seconds.get(run.block, 0.0) + dt
-        if progress and status != "skipped":
+        if progress and not status.startswith("skipped"):
             bar.write(f"{status:>8} {run.key} ({dt:.0f} s)")
     bar.close()
     report.seconds = time.time() - t_start
@@ -691,7 +778,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, output_dir: str | os.PathLike
     if outputs:
         try:
             report.tables = aggregate(sweep_dir, spec=spec)
-            report.figures = figures(report.tables)
+            report.figures = figures(report.tables, spec)
             report.written = write_outputs(report.tables, report.figures, sweep_dir, png=png)
         except NoResultsError:
             pass
@@ -711,53 +798,76 @@ def _spec_for_saving(spec: SweepSpec) -> dict:
             return [plain(x) for x in v]
         return v
 
-    if spec.suite is not None:
-        d["suite"] = str(_suite_path(spec))
+    if isinstance(spec.suite, str):
+        d["suite"] = str(_resolve_suite_file(spec.suite, spec.path))
+    for b in spec.blocks:
+        if isinstance(b.suite, str):
+            d["blocks"][b.name]["suite"] = str(_resolve_suite_file(b.suite, spec.path))
     return plain(d)
 
 
-def _suite_path(spec: SweepSpec) -> Path | None:
-    if spec.suite is None:
-        return None
-    p = Path(spec.suite)
+def _resolve_suite_file(suite: str, spec_path: Path | None) -> Path:
+    p = Path(suite)
     if not p.is_absolute():
         from .notebook import project_root
 
-        candidates = [(spec.path.parent / p) if spec.path else None, Path.cwd() / p, project_root() / p]
+        candidates = [(spec_path.parent / p) if spec_path else None, Path.cwd() / p, project_root() / p]
         p = next((c for c in candidates if c is not None and c.is_file()), p)
     if not p.is_file():
-        raise SweepError(f"suite: file not found: {spec.suite}")
+        raise SweepError(f"suite: file not found: {suite}")
     return p.resolve()
 
 
+def suite_file(run: PlannedRun, sweep_dir: Path, spec_path: Path | None = None) -> Path | None:
+    """The suite YAML a run is evaluated with (None = the default suite); an inline suite is written to
+    ``<sweep dir>/suites/<hash>.yaml`` (world names stay names: they resolve in the run's preset)."""
+    if run.suite is None:
+        return None
+    if isinstance(run.suite, str):
+        return _resolve_suite_file(run.suite, spec_path)
+    from .utils import stable_hash
+
+    path = sweep_dir / "suites" / f"{stable_hash(run.suite, 12)}.yaml"
+    if not path.is_file():
+        atomic_write(path, yaml.safe_dump(run.suite, sort_keys=False))
+    return path
+
+
 def _one_run(run: PlannedRun, sweep_dir: Path, report: SweepReport, *, evaluate: bool, reevaluate: bool,
-             suite: Path | None, device: str, progress: bool) -> str:
+             spec: SweepSpec, device: str, progress: bool, state: dict) -> str:
+    """Run (or resume, or skip) one planned run and evaluate it; an alias does its source run's work."""
     from .evaluate import evaluate_run
     from .train import refine
 
-    finished = (run.run_dir / "summary.json").is_file()
+    src = run.source
+    shared = f" (shared with {src.key})" if run.alias_of is not None else ""
     status = "skipped"
     t0 = time.time()
     try:
-        mismatch = config_mismatch(run)
+        if src.key in state["failed"]:
+            raise SweepError(f"shares the configuration of {src.key}, which failed")
+        mismatch = config_mismatch(src)
         if mismatch:
-            raise SweepError(f"{run.run_dir} holds a run with a different configuration ({', '.join(mismatch)}): "
+            raise SweepError(f"{src.run_dir} holds a run with a different configuration ({', '.join(mismatch)}): "
                              f"the spec changed under the same run name; delete the directory to rerun it, or "
                              f"give the entry another 'name:'")
-        if finished:
+        if (src.run_dir / "summary.json").is_file():
             report.skipped.append(run.key)
-            _log(sweep_dir, {"event": "skipped", "run": run.key})
+            _log(sweep_dir, {"event": "skipped", "run": run.key, **({"shared_with": src.key} if shared else {})})
         else:
-            status = "resumed" if (run.run_dir / "checkpoints" / "last.pt").is_file() else "ran"
-            prepare_data(run, progress=progress)
-            refine(run.config, progress=progress)
+            status = "resumed" if (src.run_dir / "checkpoints" / "last.pt").is_file() else "ran"
+            prepare_data(src, progress=progress)
+            refine(src.config, progress=progress)
             report.ran.append(run.key)
             if status == "resumed":
                 report.resumed.append(run.key)
-            _log(sweep_dir, {"event": status, "run": run.key, "seconds": round(time.time() - t0, 1)})
-        if evaluate and (reevaluate or not (run.run_dir / "metrics.json").is_file()):
+            _log(sweep_dir, {"event": status, "run": run.key, "seconds": round(time.time() - t0, 1),
+                             **({"shared_with": src.key} if shared else {})})
+        needs_eval = not (src.run_dir / "metrics.json").is_file() or (reevaluate and src.key not in state["evaluated"])
+        if evaluate and needs_eval:
             t1 = time.time()
-            evaluate_run(run.run_dir, suite=suite, device=device, progress=False)
+            evaluate_run(src.run_dir, suite=suite_file(src, sweep_dir, spec.path), device=device, progress=False)
+            state["evaluated"].add(src.key)
             report.evaluated.append(run.key)
             _log(sweep_dir, {"event": "evaluated", "run": run.key, "seconds": round(time.time() - t1, 1)})
             if status == "skipped":
@@ -766,11 +876,12 @@ def _one_run(run: PlannedRun, sweep_dir: Path, report: SweepReport, *, evaluate:
         raise
     except Exception as e:
         err = f"{type(e).__name__}: {e}"
+        state["failed"].add(src.key)
         report.failed.append((run.key, err))
         _log(sweep_dir, {"event": "failed", "run": run.key, "error": err,
                          "traceback": traceback.format_exc(limit=8), "seconds": round(time.time() - t0, 1)})
         status = "FAILED"
-    return status
+    return status + shared
 
 
 def run_sweep_cli(spec_path: str | os.PathLike, output_dir: str | os.PathLike | None = None, progress: bool = True, *,
@@ -792,28 +903,40 @@ def run_sweep_cli(spec_path: str | os.PathLike, output_dir: str | os.PathLike | 
     return 0 if report.ok else 1
 
 
-#: Measured seconds per 1,000 training pairs (forward+backward, fp32, teacher and image caches on) on
-#: 2 shared CPU cores, per preset; plus seconds to evaluate one run. Rough: for --dry-run estimates only.
-SECONDS_PER_KPAIR = {"default": 20.0, "micro": 1.5}
-EVAL_SECONDS = {"default": 20.0, "micro": 2.0}
+#: Cost model of --dry-run (2 CPU cores, fp32, teacher and image caches on), per preset: seconds per 1,000
+#: training pairs (tiny-vit-48: ~4.2 s of CPU time per 256-pair step, i.e. ~2.2 s on 2 cores), seconds
+#: per evaluated image (~3.2 ms of CPU time), and a fixed overhead per run (loading, validation,
+#: checkpoints). Measured on a shared machine and divided by its 2 cores: rough, for planning only.
+SECONDS_PER_KPAIR = {"default": 8.5, "micro": 1.0}
+EVAL_SECONDS_PER_IMAGE = {"default": 2.0e-3, "micro": 0.5e-3}
+RUN_OVERHEAD_SECONDS = {"default": 8.0, "micro": 3.0}
 
 
 def format_plan(df, preset: str) -> str:
     """Runs and estimated cost per block (minutes on 2 CPU cores, rough)."""
     if df.empty:
         return "(no runs)"
-    rate, ev = SECONDS_PER_KPAIR.get(preset, 20.0), EVAL_SECONDS.get(preset, 20.0)
-    lines = [f"{'block':<12}{'table':<10}{'runs':>6}{'done':>6}{'steps/run':>12}{'est. min':>10}"]
+    rate = SECONDS_PER_KPAIR.get(preset, 8.5)
+    per_image = EVAL_SECONDS_PER_IMAGE.get(preset, 1.6e-3)
+    overhead = RUN_OVERHEAD_SECONDS.get(preset, 8.0)
+    lines = [f"{'block':<12}{'table':<10}{'runs':>6}{'shared':>8}{'done':>6}{'steps/run':>12}{'est. min':>10}"]
     total = 0.0
     for block, g in df.groupby("block", sort=False):
-        todo = g[~g.finished]
-        minutes = (todo.pairs.fillna(0).sum() / 1000 * rate + ev * len(g[~g.evaluated])) / 60
+        own = g[g.shared_with.isna()]  # shared runs cost nothing here: their source run does the work
+        todo = own[~own.finished]
+        unevaluated = own[~own.evaluated]
+        seconds = (todo.pairs.fillna(0).sum() / 1000 * rate + overhead * len(todo)
+                   + (unevaluated.eval_images.fillna(0) * per_image + 5).sum())
+        minutes = seconds / 60
         total += minutes
         steps = sorted({int(s) for s in g.steps.dropna()})
         steps_txt = f"{steps[0]}" if len(steps) == 1 else (f"{steps[0]}-{steps[-1]}" if steps else "?")
-        lines.append(f"{block:<12}{g.table.iloc[0]:<10}{len(g):>6}{int(g.finished.sum()):>6}{steps_txt:>12}{minutes:>10.1f}")
-    lines.append(f"{'total':<12}{'':<10}{len(df):>6}{int(df.finished.sum()):>6}{'':>12}{total:>10.1f}  "
-                 f"(+ base model pre-training where not cached)")
+        lines.append(f"{block:<12}{g.table.iloc[0]:<10}{len(g):>6}{int(g.shared_with.notna().sum()):>8}"
+                     f"{int(g.finished.sum()):>6}{steps_txt:>12}{minutes:>10.1f}")
+    lines.append(f"{'total':<12}{'':<10}{len(df):>6}{int(df.shared_with.notna().sum()):>8}{int(df.finished.sum()):>6}"
+                 f"{'':>12}{total:>10.1f}")
+    lines.append("estimate for 2 CPU cores; not included: building the world, pre-training base models that are not "
+                 "cached (~10 min each), and the first run on each data set (image and teacher caches)")
     return "\n".join(lines)
 
 
@@ -869,7 +992,8 @@ def _param_value(v: Any) -> Any:
 
 def collect(sweep_dir: str | os.PathLike, spec: SweepSpec | None = None):
     """(runs, base): one row per evaluated run (block, name, label, seed, params ``p:<field>``, metrics) and
-    one row per starting model (``model`` -> its metrics, from the runs' metrics.json)."""
+    one row per block and starting model (index (block, model) -> its metrics, from the runs' metrics.json:
+    blocks may use different suites)."""
     import pandas as pd
 
     sweep_dir = Path(sweep_dir)
@@ -880,7 +1004,8 @@ def collect(sweep_dir: str | os.PathLike, spec: SweepSpec | None = None):
         spec = parse_spec(yaml.safe_load(path.read_text(encoding="utf-8")), where=str(path), path=path)
     rows, base = [], {}
     for run in expand(spec, sweep_dir):
-        mpath = run.run_dir / "metrics.json"
+        src = run.source
+        mpath = src.run_dir / "metrics.json"
         if not mpath.is_file():
             continue
         result = json.loads(mpath.read_text(encoding="utf-8"))
@@ -889,20 +1014,22 @@ def collect(sweep_dir: str | os.PathLike, spec: SweepSpec | None = None):
         if not mine:
             continue
         model = run.config.model or PRESETS[preset_name(run.config.preset)].model
-        base.setdefault(model, _flatten(models[PRETRAINED]))
+        base.setdefault((run.block, model), _flatten(models[PRETRAINED]))
         summary = {}
-        if (run.run_dir / "summary.json").is_file():
-            summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
+        if (src.run_dir / "summary.json").is_file():
+            summary = json.loads((src.run_dir / "summary.json").read_text(encoding="utf-8"))
         row = {"block": run.block, "table": run.table, "name": run.name, "label": run.label, "seed": run.seed,
-               "run": run.key, "model": model, "method": run.config.method,
+               "run": run.key, "source": src.key, "model": model, "method": run.config.method,
                "train_pairs": summary.get("train_pairs"), "steps": summary.get("steps")}
-        row.update({f"p:{k}": _param_value(v) for k, v in run.params.items()})
+        resolved = run.config.resolved()  # the effective value of every varied field (preset defaults filled)
+        row.update({f"p:{k}": _param_value(run.params.get(k, resolved.data) if k == "data" else getattr(resolved, k))
+                    for k in run.varied})
         row.update(_flatten(models[mine[0]]))
         rows.append(row)
     if not rows:
         raise NoResultsError(f"no evaluated run under {sweep_dir}/runs yet")
     base_df = pd.DataFrame.from_dict(base, orient="index")
-    base_df.index.name = "model"
+    base_df.index = pd.MultiIndex.from_tuples(list(base), names=["block", "model"])
     return pd.DataFrame(rows), base_df
 
 
@@ -959,19 +1086,19 @@ def _summary_metrics(df) -> list[tuple[str, str]]:
     return [(c, n) for c, n in out if c in df.columns]
 
 
-def _base_row(base, model: str, cols: list[str]):
+def _base_row(base, key: tuple, cols: list[str]):
     import pandas as pd
 
-    if base is None or model not in base.index:
+    if base is None or key not in base.index:
         return None
-    return pd.Series({c: base.loc[model].get(c, float("nan")) for c in cols})
+    return pd.Series({c: base.loc[key].get(c, float("nan")) for c in cols})
 
 
-def _with_base(mean, std, n, base, models: list[str], cols: list[str], label_of) -> tuple:
+def _with_base(mean, std, n, base, block: str, models: list[str], cols: list[str], label_of) -> tuple:
     """Prepend the starting model's row(s) (one value each: n = 1) to the frames."""
     import pandas as pd
 
-    rows = [(label_of(m), _base_row(base, m, cols)) for m in models]
+    rows = [(label_of(m), _base_row(base, (block, m), cols)) for m in models]
     rows = [(lab, r) for lab, r in rows if r is not None]
     if not rows:
         return mean, std, n
@@ -987,13 +1114,23 @@ def _put(tables: Tables, key: str, mean, std, n, meta: dict, formatted=None) -> 
     tables.meta[key] = meta
 
 
-def _main_tables(tables: Tables, block: str, sub, base) -> None:
+def _task_order(columns: list[str], suite: Any) -> list[str]:
+    """Zero-shot columns in the suite's order (the world's task order for the default suite)."""
+    from .world import TASK_NAMES
+
+    ref = [Path(x).stem if x.endswith((".yaml", ".yml")) else x for x in suite.get("zero_shot", [])] \
+        if isinstance(suite, dict) else list(TASK_NAMES)
+    return sorted(columns, key=lambda c: (ref.index(c[3:]) if c[3:] in ref else len(ref), c))
+
+
+def _main_tables(tables: Tables, block: str, sub, base, suite: Any = None) -> None:
     import pandas as pd
 
     models = list(dict.fromkeys(sub["model"]))
     sub = sub.copy()
     sub["name"] = sub["label"]  # group seeds by row label
-    zs = [c for c in _metric_cols(sub, "zs:") if c != "zs:average"] + (["zs:average"] if "zs:average" in sub else [])
+    zs = _task_order([c for c in _metric_cols(sub, "zs:") if c != "zs:average"], suite) + \
+        (["zs:average"] if "zs:average" in sub else [])
     ret = _metric_cols(sub, "ret:")
     geo = _metric_cols(sub, "geo:")
     label_of = (lambda m: PRETRAINED) if len(models) == 1 else (lambda m: f"{PRETRAINED} ({m})")
@@ -1012,7 +1149,7 @@ def _main_tables(tables: Tables, block: str, sub, base) -> None:
         if not cols:
             continue
         mean, std, n, _ = _group(sub, cols)
-        mean, std, n = _with_base(mean, std, n, base, models, cols, label_of)
+        mean, std, n = _with_base(mean, std, n, base, block, models, cols, label_of)
         idx = order(mean)
         mean, std, n = mean.loc[idx], std.loc[idx], n.loc[idx]
         formatted = format_mean_std(mean, std, n, 4 if part == "geometry" else 2)
@@ -1044,7 +1181,7 @@ def _sweep_table(tables: Tables, block: str, kind: str, sub, base, spec_block: B
     for f in (mean, std, n, info):
         f.index = index
     label_of = (lambda m: PRETRAINED) if len(models) == 1 else (lambda m: f"{PRETRAINED} ({m})")
-    mean, std, n = _with_base(mean, std, n, base, models, cols, label_of)
+    mean, std, n = _with_base(mean, std, n, base, block, models, cols, label_of)
     info = info.reindex(mean.index)
     formatted = format_mean_std(mean, std, n)
     frames = []
@@ -1071,8 +1208,9 @@ def _weights_table(tables: Tables, block: str, sub, spec_block: Block | None) ->
     g = sub.groupby([y_key, x_key])["zs:average"]
     mean, std, n = g.mean().unstack(), g.std(ddof=1).unstack(), g.count().unstack()
     for f in (mean, std, n):
+        f.index = [_num(v) for v in f.index]
+        f.columns = [_num(v) for v in f.columns]
         f.index.name = "rafa_weight \\ " + x_key[2:]
-        f.columns.name = None
     formatted = format_mean_std(mean, std, n, 2)
     _put(tables, block, mean, std, n, {"kind": "weights", "block": block,
                                        "title": f"{block}: zero-shot avg (%) over the loss-weight grid"}, formatted)
@@ -1083,7 +1221,7 @@ def _backbone_table(tables: Tables, block: str, sub, base, cols: list[str], name
     import pandas as pd
 
     sub = sub.copy()
-    sub["name"] = sub["model"] + "\x00" + sub["method"]
+    sub["name"] = sub["model"] + " | " + sub["method"]
     mean, std, n, first = _group(sub, cols)
     models = list(dict.fromkeys(sub["model"]))
     methods = list(dict.fromkeys(sub["method"]))
@@ -1092,11 +1230,11 @@ def _backbone_table(tables: Tables, block: str, sub, base, cols: list[str], name
         for kind, frame in (("mean", mean), ("std", std), ("n", n)):
             row = {}
             for c in cols:
-                if base is not None and m in base.index:
-                    row[(names[c], PRETRAINED)] = (base.loc[m].get(c, float("nan")) if kind == "mean" else
+                if base is not None and (block, m) in base.index:
+                    row[(names[c], PRETRAINED)] = (base.loc[(block, m)].get(c, float("nan")) if kind == "mean" else
                                                    (float("nan") if kind == "std" else 1))
                 for meth in methods:
-                    key = f"{m}\x00{meth}"
+                    key = f"{m} | {meth}"
                     row[(names[c], meth)] = frame.loc[key, c] if key in frame.index else float("nan")
             out[kind][m] = row
     frames = [pd.DataFrame.from_dict(out[k], orient="index") for k in ("mean", "std", "n")]
@@ -1122,7 +1260,8 @@ def aggregate(sweep_dir: str | os.PathLike, spec: SweepSpec | None = None) -> Ta
     for block, sub in runs.groupby("block", sort=False):
         kind = sub["table"].iloc[0]
         if kind == "main":
-            _main_tables(tables, block, sub, base)
+            b = blocks.get(block)
+            _main_tables(tables, block, sub, base, b.suite if b is not None and b.suite is not None else spec.suite)
         else:
             _sweep_table(tables, block, kind, sub, base, blocks.get(block))
     return tables
@@ -1145,7 +1284,9 @@ def _sweep_figure(tables: Tables, block: str, kind: str, spec_block: Block | Non
                     and sub[c].nunique() > 1])
     metrics = [(c, name) for c, name in _summary_metrics(sub) if c.startswith(("zs:", "ret:"))][:3]
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[n for _, n in metrics], horizontal_spacing=0.07)
-    key = (lambda r: " / ".join(str(r[f"p:{s}"]) for s in series_keys)) if series_keys else (lambda r: block)
+    methods = list(dict.fromkeys(sub["method"]))
+    single = methods[0] if len(methods) == 1 else block
+    key = (lambda r: " / ".join(str(r[f"p:{s}"]) for s in series_keys)) if series_keys else (lambda r: single)
     sub = sub.assign(_series=sub.apply(key, axis=1))
     for i, (sname, g) in enumerate(sub.groupby("_series", sort=False)):
         agg = g.groupby(f"p:{x}")[[c for c, _ in metrics]]
@@ -1157,12 +1298,12 @@ def _sweep_figure(tables: Tables, block: str, kind: str, spec_block: Block | Non
                                      error_y=dict(type="data", array=list(std[c].fillna(0)), visible=True)),
                           row=1, col=j)
     models = list(dict.fromkeys(sub["model"]))
-    if tables.base is not None and len(models) == 1 and models[0] in tables.base.index:
+    if tables.base is not None and len(models) == 1 and (block, models[0]) in tables.base.index:
         for j, (c, _) in enumerate(metrics, start=1):
-            v = tables.base.loc[models[0]].get(c)
+            v = tables.base.loc[(block, models[0])].get(c)
             if v is not None and not math.isnan(v):
-                fig.add_hline(y=v, line=dict(color=BASE_COLOUR, dash="dash"), row=1, col=j,
-                              annotation_text=PRETRAINED if j == 1 else None, annotation_position="bottom right")
+                note = dict(annotation_text=PRETRAINED, annotation_position="bottom right") if j == 1 else {}
+                fig.add_hline(y=v, line=dict(color=BASE_COLOUR, dash="dash"), row=1, col=j, **note)
     if kind == "batch":
         fig.update_xaxes(type="log", dtick=math.log10(2))
     fig.update_xaxes(title_text=x)
@@ -1187,8 +1328,8 @@ def _weights_figure(tables: Tables, block: str):
     base = tables.base
     models = list(dict.fromkeys(tables.runs[tables.runs["block"] == block]["model"]))
     note = ""
-    if base is not None and len(models) == 1 and models[0] in base.index and "zs:average" in base.columns:
-        note = f" (pre-trained: {base.loc[models[0], 'zs:average']:.2f})"
+    if base is not None and len(models) == 1 and (block, models[0]) in base.index and "zs:average" in base.columns:
+        note = f" (pre-trained: {base.loc[(block, models[0]), 'zs:average']:.2f})"
     fig.update_layout(title=f"Loss weights: zero-shot avg (%){note}", xaxis_title="λ_HyCD", yaxis_title="λ_RaFA",
                       template="plotly_white", height=450, width=600)
     fig.update_xaxes(type="category")

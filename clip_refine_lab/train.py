@@ -125,7 +125,7 @@ def lr_at(step: int, total: int, cfg: RunConfig) -> float:
     return cfg.lr * warm
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+def step_generator(seed: int, step: int) -> torch.Generator:
     """The step's own generator: randomness is a pure function of (seed, step), so resuming needs no RNG state."""
     g = torch.Generator(device="cpu")
     g.manual_seed((seed * 1_000_003 + step) % (2**63))
@@ -162,12 +162,6 @@ class Refiner:
         train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, cfg.seed)
         self.train_records = [records[i] for i in train_idx]
         self.val_records = [records[i] for i in val_idx]
-        images = self._image_cache(all_records, records)
-        self.train_set = CaptionPairs(self.train_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed,
-                                      image_cache=Subset(images, train_idx) if images is not None else None)
-        self.val_set = CaptionPairs(self.val_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed + 1,
-                                    image_cache=Subset(images, val_idx) if images is not None else None)
-        self.teacher_features = self._teacher_cache(all_records, records, train_idx, val_idx)
         if len(self.train_records) < cfg.batch_size:  # type: ignore[operator]
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
                               f"({len(self.train_records)} pairs after the validation split)")
@@ -180,6 +174,12 @@ class Refiner:
         self.total_steps = max(1, int(round(self.steps_per_epoch * cfg.epochs)))  # type: ignore[operator]
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        images = self._image_cache(all_records, records)
+        self.train_set = CaptionPairs(self.train_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed,
+                                      image_cache=Subset(images, train_idx) if images is not None else None)
+        self.val_set = CaptionPairs(self.val_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed + 1,
+                                    image_cache=Subset(images, val_idx) if images is not None else None)
+        self.teacher_features = self._teacher_cache(all_records, records, train_idx, val_idx)
         self.val_every = cfg.val_every or max(1, self.steps_per_epoch // 4)
         self.checkpoint_every = cfg.checkpoint_every or self.val_every
         self.optimizer = build_optimizer(self.model, cfg)
@@ -321,7 +321,7 @@ class Refiner:
 
         ``teacher``: this rank's teacher features when they come from the cache (else computed here)."""
         cfg, method = self.cfg, self.method
-        gen = step_generator(cfg.seed if train else cfg.seed + 7919, step, self.device)
+        gen = step_generator(cfg.seed if train else cfg.seed + 7919, step)
         n_global = images.shape[0] * self.world_size
         extras: dict = {}
         if self.teacher is not None:

@@ -37,6 +37,10 @@ class RefineForm(W.VBox):
     def __init__(self, config: RunConfig, *, run: Callable | None = None, live_plot: bool = True,
                  on_finish: Callable[[Path], None] | None = None):
         self.config = config
+        try:  # show the preset's values for the fields left to it (lr, epochs)
+            shown = config.resolved()
+        except Exception:
+            shown = config
         self._run = run
         self.live_plot = live_plot
         self.on_finish = on_finish
@@ -47,9 +51,9 @@ class RefineForm(W.VBox):
                                    readout_format=".2f", style=_LABEL, layout=_WIDE, continuous_update=False)
         self.prior = W.Dropdown(options=list(PRIOR_NAMES), value=config.prior, description="prior", style=_LABEL,
                                 layout=_WIDE)
-        self.lr = W.FloatText(value=float(config.lr) if config.lr is not None else 1e-5, description="lr",
+        self.lr = W.FloatText(value=float(shown.lr) if shown.lr is not None else 1e-5, description="lr",
                               style=_LABEL, layout=_WIDE)
-        self.epochs = W.FloatText(value=float(config.epochs) if config.epochs is not None else 1.0,
+        self.epochs = W.FloatText(value=float(shown.epochs) if shown.epochs is not None else 1.0,
                                   description="epochs", style=_LABEL, layout=_WIDE)
         self.run_name = W.Text(value="", placeholder="(automatic: method, time, seed)", description="run name",
                                style=_LABEL, layout=_WIDE)

@@ -199,6 +199,7 @@ def test_strip_outputs_keeps_checked_cells():
     assert out["cells"][0]["outputs"] == [] and out["cells"][0]["execution_count"] is None
     assert out["cells"][0]["metadata"] == {}
     assert out["cells"][1]["outputs"][0]["text"] == "2\n"
+    assert out["cells"][1]["execution_count"] == 4  # nbval: a cell with outputs needs a count
     assert "widgets" not in out["metadata"] and out["metadata"]["kernelspec"]
 
 
@@ -302,7 +303,8 @@ def test_refine_form_runs_with_its_values(tmp_path):
         return d
 
     finished = []
-    form = RefineForm(RunConfig(preset="micro", lr=1e-4), run=fake_run, live_plot=False, on_finish=finished.append)
+    form = RefineForm(RunConfig(preset="micro"), run=fake_run, live_plot=False, on_finish=finished.append)
+    assert (form.lr.value, form.epochs.value) == (1e-4, 1.0)  # the micro preset's
     form.method.value = "hycd"
     form.alpha.value = 0.25
     form.prior.value = "uniform"

@@ -1,0 +1,110 @@
+"""Smoke tests of the benchmark scripts: each runs end to end with its smallest settings.
+
+Speed is never asserted here (timings on shared machines mean nothing in a test); only that every
+script runs, prints its table and writes well-formed results. Each script runs in a subprocess, as a
+user would start it, on the micro world (built once per test session by the ``micro_world`` fixture,
+in the session's private cache, which the subprocesses inherit through CLIP_REFINE_LAB_CACHE).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _open_clip_train_importable() -> bool:
+    try:
+        import open_clip_train.main  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+CONTENDERS = "ours,reference,open_clip_train" if _open_clip_train_importable() else "ours,reference"
+SCRIPTS = {  # script -> its smallest settings (each also gets --json)
+    "bench_refine.py": ["--quick", "--steps", "1", "--batch-size", "8", "--threads", "1", "--peak-tflops", "1"],
+    "bench_vs_peers.py": ["--quick", "--threads", "1", "--workers", "0", "--contenders", CONTENDERS],
+    "bench_encode.py": ["--quick", "--threads", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(micro_world, tmp_path_factory):
+    """Start every script at once (they are independent; this keeps the module near 30 s), then wait."""
+    out_dir = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONPATH": str(REPO), **ENV}
+    procs = {}
+    for script, args in SCRIPTS.items():
+        out = out_dir / f"{script}.json"
+        procs[script] = (out, subprocess.Popen([sys.executable, str(BENCH / script), *args, "--json", str(out)],
+                                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               text=True))
+    results = {}
+    for script, (out, proc) in procs.items():
+        try:
+            stdout, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, _ = proc.communicate()
+        results[script] = (proc.returncode, stdout, json.loads(out.read_text()) if out.is_file() else None)
+    return results
+
+
+def _result(runs, script):
+    code, stdout, data = runs[script]
+    assert code == 0 and data is not None, f"{script} failed (exit {code}):\n{stdout[-4000:]}"
+    return stdout, data
+
+
+def test_bench_refine_quick(runs):
+    stdout, result = _result(runs, "bench_refine.py")
+    from clip_refine_lab.methods import METHODS
+
+    assert [r["method"] for r in result["rows"]] == list(METHODS)  # every method, tiny model
+    for row in result["rows"]:
+        assert row["model"] == "tiny-vit-48" and row["pairs_per_s"] > 0 and row["gflop_per_step"] > 0
+        assert row["teacher"] == ("cache" if METHODS[row["method"]].needs_teacher else "none")
+        assert 0 < row["mfu"]
+    assert "| tiny-vit-48" in stdout and "MFU" in stdout
+
+
+def test_bench_vs_peers_quick(runs):
+    """Every contender ran (open_clip_train only where importable): reference_loop.py's build() and train()
+    run inside it, in a subprocess of their own."""
+    stdout, result = _result(runs, "bench_vs_peers.py")
+    names = [r["contender"] for r in result["rows"]]
+    assert names == CONTENDERS.split(",")
+    for row in result["rows"]:
+        assert row["pairs_per_s"] > 0 and row["pairs_per_cpu_s"] > 0
+        if row["contender"] != "ours":
+            assert row["ratio"] > 0 and row["cpu_ratio"] > 0
+    assert "ours / this" in stdout
+
+
+def test_bench_encode_quick(runs):
+    stdout, result = _result(runs, "bench_encode.py")
+    (row,) = result["rows"]
+    assert row["model"] == "tiny-vit-48" and row["images_per_s"] > 0 and row["texts_per_s"] > 0
+    assert "images/s" in stdout
+
+
+@pytest.mark.skipif(not _open_clip_train_importable(), reason="open_clip_train (open_clip_torch[training]) not installed")
+def test_open_clip_train_sees_our_tiny_architectures():
+    """The launcher's premise: after registering our configs, open_clip (and so open_clip_train) knows the names."""
+    import open_clip
+
+    from clip_refine_lab.models import register_tiny_architectures
+
+    register_tiny_architectures()
+    assert "tiny-vit-48" in open_clip.list_models()
