@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "texts_per_s": n_txt / statistics.median(t_txt), "repeats": repeats}
         rows.append(row)
         print(f"  {arch}: {row['images_per_s']:.1f} images/s, {row['texts_per_s']:.1f} texts/s", flush=True)
-        del loaded
     print()
     print(format_table(rows, [("model", "model"), ("device", "device"), ("precision", "precision"),
                               ("images", "images"), ("image_batch", "batch"), ("images_per_s", "images/s"),

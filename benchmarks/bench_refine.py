@@ -234,10 +234,6 @@ def bench_method(arch: str, method: str, *, device: str, precision: str, batch_s
         if cuda:  # named self_device_time_total in recent torch, self_cuda_time_total before
             key = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
         table = averages.table(sort_by=key, row_limit=profile)
-    del refiner, model, optimizer, batches
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
     step_s = statistics.median(times)
     return {"model": arch, "px": None, "method": method, "teacher": teacher_mode if needs_teacher else "none",
             "batch": batch_size, "precision": precision, "steps": steps, "step_ms": 1e3 * step_s,
@@ -321,6 +317,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                        steps=steps, warmup=warmup, teacher_mode=mode, world=world, workdir=workdir,
                                        profile=args.profile)
                     row["px"] = px
+                    gc.collect()  # the Refiner of this row is gone: free its memory before the next one
+                    if kind == "cuda":
+                        torch.cuda.empty_cache()
                     if args.peak_tflops:
                         row["mfu"] = row["tflops"] / args.peak_tflops
                     rows.append(row)

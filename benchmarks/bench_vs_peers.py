@@ -210,6 +210,14 @@ def _run_open_clip_train(spec: dict) -> list[float]:
         return original(model, data, loss, epoch, optimizer, *args, **kwargs)
 
     octm.train_one_epoch = timed_epoch
+    made = octm.create_loss
+
+    def create_loss(args):  # record which loss open_clip_train built (DistillClipLoss with a teacher)
+        loss = made(args)
+        spec["_loss"] = f"{type(loss).__name__} (teacher: {'yes' if args.distill else 'no'}, precision {args.precision})"
+        return loss
+
+    octm.create_loss = create_loss
     argv = ["--train-data", spec["csv"], "--dataset-type", "csv", "--csv-separator", ",",
             "--csv-img-key", "filepath", "--csv-caption-key", "title",
             "--model", spec["model"], "--pretrained", spec["weights"],
@@ -242,7 +250,7 @@ def worker(name: str, spec_path: str, out_path: str) -> None:
     wall = stamps[w + s - 1][0] - stamps[w - 1][0]
     cpu = stamps[w + s - 1][1] - stamps[w - 1][1]
     Path(out_path).write_text(json.dumps({
-        "name": name, "stamps": stamps, "pairs_per_s": spec["batch"] * s / wall,
+        "name": name, "stamps": stamps, "pairs_per_s": spec["batch"] * s / wall, "loss": spec.get("_loss"),
         "pairs_per_cpu_s": spec["batch"] * s / cpu if cpu > 0 else float("nan"),
         "step_s": [b[0] - a[0] for a, b in zip(stamps[w - 1:], stamps[w:])],
         "step_cpu_s": [b[1] - a[1] for a, b in zip(stamps[w - 1:], stamps[w:])]}))
@@ -383,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
                 res = run_contender(name, spec, workdir, f"{name}-r{r}", args.timeout)
                 results[name].append(res)
                 print(f"  round {r + 1}/{args.rounds} {name}: {res['pairs_per_s']:.1f} pairs/s, "
-                      f"{res['pairs_per_cpu_s']:.1f} pairs per CPU-second", flush=True)
+                      f"{res['pairs_per_cpu_s']:.1f} pairs per CPU-second"
+                      + (f"; loss {res['loss']}" if res.get("loss") else ""), flush=True)
     rows = summarise(results)
     print()
     print(format_table(rows, [("contender", "contender"), ("pairs_per_s", "pairs/s (median)"), ("min", "min"),
