@@ -130,7 +130,9 @@ def shutdown_kernels(url: str, token: str) -> None:
 
 def open_and_run_all(page, url: str, token: str, name: str, shot: Path) -> float:
     """Open a notebook, Run > Run All Cells, wait until every cell ran; screenshot; seconds taken."""
-    page.goto(f"{url}/lab/tree/{name}?token={token}", wait_until="domcontentloaded")
+    # a workspace of its own, reset: only this notebook opens (not every one opened before)
+    workspace = name.removesuffix(".ipynb").replace("_", "-")
+    page.goto(f"{url}/lab/workspaces/{workspace}/tree/{name}?token={token}&reset", wait_until="domcontentloaded")
     page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
     # JupyterLab may still ask which kernel to start: take the notebook's own (python3)
     dialog = page.locator(".jp-Dialog", has_text="Select Kernel")
