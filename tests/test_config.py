@@ -63,3 +63,12 @@ def test_every_field_has_help():
     import dataclasses
 
     assert {f.name for f in dataclasses.fields(RunConfig)} == set(FIELD_HELP)
+
+
+def test_readme_option_table_lists_every_field():
+    import dataclasses
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for f in dataclasses.fields(RunConfig):
+        assert f"| `--{f.name.replace('_', '-')}` |" in readme, f.name
