@@ -20,6 +20,7 @@ files as ``ViT-B-32-quickgelu`` (the ``open_clip_name`` recorded in the header).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -123,8 +124,6 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _json(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, sort_keys=True)
 
 
@@ -168,7 +167,7 @@ def load_model(
             arch = meta["arch"]
             if quick_gelu is None:
                 quick_gelu = meta.get("quick_gelu") == "true"
-            preprocess_cfg = __import__("json").loads(meta.get("preprocess") or "{}")
+            preprocess_cfg = json.loads(meta.get("preprocess") or "{}")
         elif not arch:
             raise ValueError(f"{pretrained} records no architecture; name it, e.g. load_model('ViT-B-32', '{pretrained}')")
     elif pretrained and not arch.startswith("hf-hub:"):
