@@ -360,9 +360,10 @@ class Refiner:
             else:
                 fi_local, ft_local = fi_j, ft_j
             fi, ft = gather_features(fi_local, ft_local)
-            # The logit scale enters the loss directly, not through the micro-batch's features:
-            # let only the first micro-step carry its gradient, or it would be counted accum_steps times.
-            scale = model.logit_scale.exp() if j == 0 else model.logit_scale.exp().detach()
+            # The logit scale enters the loss directly, not through this micro-batch's features: only the
+            # first micro-step of rank 0 carries its gradient, or it would be counted accum_steps times
+            # (and, with the x world_size below, world_size times after averaging across ranks).
+            scale = model.logit_scale.exp() if j == 0 and self.rank == 0 else model.logit_scale.exp().detach()
             terms = loss_terms(method, cfg, fi, ft, logit_scale=scale, **extras)
             bad = [k for k, v in terms.items() if not torch.isfinite(v)]
             if bad:
@@ -384,7 +385,15 @@ class Refiner:
             return
         import torch.distributed as dist
 
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # A parameter may have a gradient on some ranks only (the logit scale: rank 0 carries it);
+        # one that no rank touched keeps grad None, so AdamW skips it exactly as in a single process.
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
+        dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+        for p, flag in zip(params, has_grad.tolist()):
+            if flag and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params if p.grad is not None]
         flat = torch._utils._flatten_dense_tensors(grads)
         dist.all_reduce(flat)
         flat /= self.world_size

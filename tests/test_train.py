@@ -73,7 +73,8 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, micro_base, method
         torch.testing.assert_close(g4[name], g1[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_distributed_two_gloo_processes_match_single_process(tmp_path, micro_base):
+@pytest.mark.parametrize("method", ["clip-refine", "contrastive"])
+def test_distributed_two_gloo_processes_match_single_process(tmp_path, micro_base, method):
     """torchrun with 2 CPU processes: loss and averaged gradients equal the single-process global batch."""
     out = tmp_path / "ddp"
     out.mkdir()
@@ -92,11 +93,11 @@ def test_distributed_two_gloo_processes_match_single_process(tmp_path, micro_bas
         grads = {{n: p.grad for n, p in r.model.named_parameters() if p.grad is not None}}
         torch.save({{"loss": terms["loss"], "grads": grads}}, os.path.join({str(out)!r}, f"rank{{r.rank}}.pt"))
     """))
-    env = {**os.environ, "METHOD": "clip-refine", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "METHOD": method, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--standalone", str(script)], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = Refiner(micro_config(tmp_path, run_name="single").resolved(), progress=False)
+    single = Refiner(micro_config(tmp_path, run_name="single", method=method).resolved(), progress=False)
     images, tokens = single.load_batch(single.train_set, single.batch_indices(0, 0))
     single.model.zero_grad(set_to_none=True)
     terms = single.compute_loss(images, tokens, step=0, train=True)
