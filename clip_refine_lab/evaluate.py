@@ -220,7 +220,7 @@ def _leakage(cfg: RunConfig, suite: Suite, data_root: str | None) -> dict:
 
     evals = sorted({str(p) for p in [*suite.zero_shot, *suite.retrieval, *suite.geometry]})
     report = leakage_report(resolve_data(cfg), evals, data_root=data_root or cfg.data_root, hash_images=False)
-    return {"text": report.format(), "overlap": report.to_dict() if hasattr(report, "to_dict") else None}
+    return {"text": report.format(), "overlap": report.to_dict()}
 
 
 def tidy(result: dict):
