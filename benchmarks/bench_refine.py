@@ -36,6 +36,7 @@ table printing, environment set-up).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -167,7 +168,8 @@ def flop_counter():
 
 # -------------------------------------------------------------------------------- one bench
 def bench_method(arch: str, method: str, *, device: str, precision: str, batch_size: int, steps: int, warmup: int,
-                 teacher_mode: str, world: str, workdir: str, profile: int = 0) -> dict:
+                 teacher_mode: str, world: str, workdir: str, profile: int = 0, attention: str = "sdpa",
+                 compile: bool = False, channels_last: bool = False) -> dict:
     """Time the Refiner's optimiser step for one (model, method, teacher mode)."""
     import torch
 
@@ -178,7 +180,8 @@ def bench_method(arch: str, method: str, *, device: str, precision: str, batch_s
     needs_teacher = get_method(method).needs_teacher
     cfg = RunConfig(method=method, model=arch, pretrained=None, preset=world, data="synthetic-coco",
                     batch_size=batch_size, epochs=1, device=device, precision=precision, val_fraction=0.0,
-                    teacher_cache=False, image_cache=False, output_dir=workdir,
+                    teacher_cache=False, image_cache=False, output_dir=workdir, attention=attention,
+                    compile=compile, channels_last=channels_last,
                     run_name=f"bench-{arch}-{method}-{teacher_mode}", seed=0).resolved()
     refiner = Refiner(cfg, progress=False)
     model, optimizer = refiner.model, refiner.optimizer
@@ -207,7 +210,10 @@ def bench_method(arch: str, method: str, *, device: str, precision: str, batch_s
             model.logit_scale.clamp_(0, math.log(100))
 
     counter = flop_counter()
-    with counter:
+    # FLOPs are those of the eager step (compilation changes kernels, not the model's arithmetic);
+    # the compiled graphs are built in the warm-up steps that follow.
+    no_dynamo = torch._dynamo.config.patch(disable=True) if compile else contextlib.nullcontext()
+    with counter, no_dynamo:
         one_step(0)
     flops = float(counter.get_total_flops())
     for k in range(warmup):
@@ -236,6 +242,7 @@ def bench_method(arch: str, method: str, *, device: str, precision: str, batch_s
         table = averages.table(sort_by=key, row_limit=profile)
     step_s = statistics.median(times)
     return {"model": arch, "px": None, "method": method, "teacher": teacher_mode if needs_teacher else "none",
+            "attention": attention, "compile": compile, "channels_last": channels_last,
             "batch": batch_size, "precision": precision, "steps": steps, "step_ms": 1e3 * step_s,
             "pairs_per_s": batch_size / step_s, "gflop_per_step": flops / 1e9,
             "tflops": flops / step_s / 1e12, "times_s": times, "profile": table}
@@ -276,6 +283,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="after timing, profile one more step of each row (torch.profiler) and print its top N ops")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: micro world, tiny-vit-48 only, batch 16, 1 timed step")
+    p.add_argument("--attention", default="sdpa", help="RunConfig.attention: sdpa, native, or both (one row each)")
+    p.add_argument("--compile", action="store_true", help="RunConfig.compile: torch.compile the towers")
+    p.add_argument("--channels-last", action="store_true", help="RunConfig.channels_last (conv towers)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -312,10 +322,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 modes = ["cache", "forward"] if args.teacher == "both" else [args.teacher]
                 if not METHODS[method].needs_teacher:
                     modes = ["none"]
-                for mode in modes:
+                attentions = ["sdpa", "native"] if args.attention == "both" else [args.attention]
+                for mode, attention in [(m, a) for m in modes for a in attentions]:
                     row = bench_method(arch, method, device=device, precision=precision, batch_size=batch,
                                        steps=steps, warmup=warmup, teacher_mode=mode, world=world, workdir=workdir,
-                                       profile=args.profile)
+                                       profile=args.profile, attention=attention, compile=args.compile,
+                                       channels_last=args.channels_last)
                     row["px"] = px
                     gc.collect()  # the Refiner of this row is gone: free its memory before the next one
                     if kind == "cuda":
@@ -323,10 +335,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if args.peak_tflops:
                         row["mfu"] = row["tflops"] / args.peak_tflops
                     rows.append(row)
-                    print(f"  {arch} {method} teacher={row['teacher']}: {row['pairs_per_s']:.1f} pairs/s "
+                    print(f"  {arch} {method} teacher={row['teacher']} attention={attention}: {row['pairs_per_s']:.1f} pairs/s "
                           f"({row['step_ms']:.0f} ms/step, {row['tflops']:.3g} TFLOP/s)", flush=True)
     columns = [("model", "model"), ("px", "px"), ("method", "method"), ("teacher", "teacher"), ("batch", "batch"),
-               ("precision", "precision"), ("step_ms", "ms/step (median)"), ("pairs_per_s", "pairs/s"),
+               ("precision", "precision"), ("attention", "attention"), ("compile", "compile"),
+               ("step_ms", "ms/step (median)"), ("pairs_per_s", "pairs/s"),
                ("gflop_per_step", "GFLOP/step"), ("tflops", "TFLOP/s")]
     if args.peak_tflops:
         columns.append(("mfu", f"MFU (peak {args.peak_tflops:g} TFLOP/s)"))

@@ -288,3 +288,85 @@ def _ensure_weights_reachable(arch: str, tag: str | None, tag_cfg: dict | None, 
         f"--model {arch.removeprefix('hf-hub:')} --pretrained /path/to/open_clip_model.safetensors "
         f"(add --quick-gelu for OpenAI weights)."
     )
+
+
+# --------------------------------------------------------------------------------- speed options
+def _sdpa_block_class():
+    """A subclass of open_clip's ``ResidualAttentionBlock`` whose self-attention calls SDPA batch-first.
+
+    ``nn.MultiheadAttention`` works sequence-first: with open_clip's ``batch_first=True`` it transposes
+    its input, splits the packed q/k/v projection through ``unflatten/transpose/contiguous`` and
+    ``select`` (whose backward zero-fills and copies a 3x buffer) and transposes back. On CPU those
+    copies were about 17% of a tiny-vit-48 training step (benchmarks/RESULTS.md). This path does the
+    same arithmetic with the same parameters in one ``view/permute``; forward outputs are equal to
+    open_clip's and gradients agree to float summation order (tests/test_models.py).
+    """
+    global _SDPA_BLOCK
+    if _SDPA_BLOCK is not None:
+        return _SDPA_BLOCK
+    import torch.nn.functional as F
+    from open_clip.transformer import ResidualAttentionBlock
+
+    class SdpaResidualAttentionBlock(ResidualAttentionBlock):
+        def attention(self, q_x, k_x=None, v_x=None, attn_mask=None):
+            mha = self.attn
+            if k_x is not None or v_x is not None or not mha.batch_first or not mha._qkv_same_embed_dim \
+                    or mha.in_proj_weight is None:
+                return super().attention(q_x, k_x, v_x, attn_mask)  # cross-attention etc.: open_clip's path
+            batch, length, width = q_x.shape
+            heads = mha.num_heads
+            qkv = F.linear(q_x, mha.in_proj_weight, mha.in_proj_bias)
+            q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+            mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None  # additive, as open_clip passes it
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 dropout_p=mha.dropout if self.training else 0.0)
+            out = out.transpose(1, 2).reshape(batch, length, width)
+            return F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+
+    _SDPA_BLOCK = SdpaResidualAttentionBlock
+    return _SDPA_BLOCK
+
+
+_SDPA_BLOCK = None
+
+
+def use_sdpa_attention(model: torch.nn.Module) -> int:
+    """Switch every open_clip ``ResidualAttentionBlock`` of ``model`` to the SDPA path, in place.
+
+    Only the class of each block changes: parameters, state-dict keys and checkpoints stay the same,
+    and ``copy.deepcopy`` copies the switched blocks. Returns the number of blocks switched."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    cls = _sdpa_block_class()
+    n = 0
+    for module in model.modules():
+        if type(module) is ResidualAttentionBlock:
+            module.__class__ = cls
+            n += 1
+    return n
+
+
+def use_channels_last(model: torch.nn.Module) -> bool:
+    """Channels-last memory format for a convolutional image tower (ModifiedResNet, ConvNeXt...).
+
+    cuDNN's convolutions run fastest on NHWC tensors on recent GPUs; a ViT has a single patch
+    convolution, so this only pays for conv towers. Returns whether the tower has convolutions."""
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        return False
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules())
+    if convs <= 1:
+        return False
+    visual.to(memory_format=torch.channels_last)
+    return True
+
+
+def compile_towers(model: torch.nn.Module) -> None:
+    """``torch.compile`` the image and text towers in place (``nn.Module.compile``: state-dict keys unchanged).
+
+    Worth it on GPU for long runs; the first steps pay the compilation (minutes for ViT-B-32). On a small
+    CPU it measured slower than eager (benchmarks/RESULTS.md)."""
+    for name in ("visual", "transformer"):
+        tower = getattr(model, name, None)
+        if tower is not None:
+            tower.compile()

@@ -52,11 +52,14 @@ from .data import CaptionPairs, CaptionRecord, load_manifest
 from .features import Subset
 from .distributed import gather_features, world_info
 from .methods import Method, get_method, loss_terms
-from .models import LoadedModel, ModelSpec, load_model, save_checkpoint
+from .models import (LoadedModel, ModelSpec, compile_towers, load_model, save_checkpoint, use_channels_last,
+                     use_sdpa_attention)
 from .priors import build_prior, feature_statistics
 from .utils import atomic_path, atomic_write, atomic_write_json, seed_everything
 
-RESUMABLE_FIELDS = ("output_dir", "run_name", "device", "num_workers", "log_every", "max_steps")
+# Fields that may differ between a run and its resumption (where and how fast, not what is computed).
+RESUMABLE_FIELDS = ("output_dir", "run_name", "device", "num_workers", "log_every", "max_steps",
+                    "attention", "compile", "channels_last")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -149,10 +152,17 @@ class Refiner:
         self.base: LoadedModel = load_model(cfg.model, cfg.pretrained, device=self.device,  # type: ignore[arg-type]
                                             quick_gelu=cfg.quick_gelu, world_preset=cfg.preset)
         self.model = self.base.model
+        if cfg.attention == "sdpa":
+            use_sdpa_attention(self.model)
+        self.channels_last = bool(cfg.channels_last) and use_channels_last(self.model)
         self.teacher = None
         if self.method.needs_teacher:
             # The teacher is an exact, frozen copy of the starting model (released code: deepcopy + no_grad).
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if cfg.compile:
+            for m in (self.model, self.teacher):
+                if m is not None:
+                    compile_towers(m)
         self.manifest = load_manifest(resolve_data(cfg), data_root=cfg.data_root)
         if self.manifest.kind != "captions":
             raise ConfigError(f"data: {self.manifest.path} is a {self.manifest.kind} manifest; "
@@ -298,7 +308,12 @@ class Refiner:
     def load_batch(self, dataset: CaptionPairs, indices, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Load items in this process (validation, tests); training goes through :meth:`train_loader`."""
         images, tokens, _ = collate_pairs([dataset[(int(i), epoch)] for i in indices])
-        return images.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
+        return self.to_device(images, tokens)
+
+    def to_device(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return (images.to(self.device, non_blocking=True, memory_format=fmt),
+                tokens.to(self.device, non_blocking=True))
 
     def train_loader(self, start_step: int) -> torch.utils.data.DataLoader:
         """Batches of steps start_step, start_step + 1, ... in order, loaded by ``num_workers`` processes."""
@@ -475,7 +490,7 @@ class Refiner:
             epoch = step // self.steps_per_epoch
             t0 = time.perf_counter()
             images, tokens, items = next(batches)
-            images, tokens = images.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
+            images, tokens = self.to_device(images, tokens)
             lr = lr_at(step, self.total_steps, cfg)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr

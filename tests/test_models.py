@@ -70,3 +70,50 @@ def test_architecture_mismatch_is_refused(tmp_path):
     path = save_checkpoint(loaded.model, tmp_path / "m.safetensors", loaded.spec)
     with pytest.raises(ValueError, match="holds a 'micro-vit-32' model"):
         load_model("tiny-vit-48", str(path))
+
+
+@pytest.mark.parametrize("arch", ["micro-vit-32", "tiny-rn-48"])
+def test_sdpa_attention_matches_open_clip_outputs_and_gradients(arch):
+    import copy
+
+    from clip_refine_lab.models import use_sdpa_attention
+
+    torch.manual_seed(0)
+    native = load_model(arch).model.train()
+    fast = copy.deepcopy(native)
+    n = use_sdpa_attention(fast)
+    assert n == sum(type(m).__name__ == "SdpaResidualAttentionBlock" for m in fast.modules()) > 0
+    assert list(fast.state_dict()) == list(native.state_dict())  # checkpoints are unchanged
+    size = native.visual.image_size[0] if isinstance(native.visual.image_size, tuple) else native.visual.image_size
+    images = torch.randn(4, 3, size, size)
+    tokens = open_clip.get_tokenizer("micro-vit-32")(["a red circle", "two blue stars", "a big square", "a ring"])
+
+    def loss_and_grads(model):
+        model.zero_grad(set_to_none=True)
+        fi, ft, scale = model(images, tokens)
+        loss = open_clip.loss.ClipLoss()(fi, ft, scale)
+        loss.backward()
+        return fi.detach(), ft.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    fi_n, ft_n, g_n = loss_and_grads(native)
+    fi_f, ft_f, g_f = loss_and_grads(fast)
+    torch.testing.assert_close(fi_f, fi_n, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ft_f, ft_n, rtol=0, atol=1e-6)
+    assert g_n.keys() == g_f.keys()
+    largest = max(g.abs().max().item() for g in g_n.values())
+    for k in g_n:
+        assert (g_f[k] - g_n[k]).abs().max().item() <= 1e-5 * largest, k
+    # a deep copy (the trainer's frozen teacher) keeps the fast path and its own parameters
+    twin = copy.deepcopy(fast)
+    assert type(twin.transformer.resblocks[0]).__name__ == "SdpaResidualAttentionBlock"
+    assert twin.transformer.resblocks[0].attn.in_proj_weight is not fast.transformer.resblocks[0].attn.in_proj_weight
+
+
+def test_channels_last_only_for_convolutional_towers():
+    from clip_refine_lab.models import use_channels_last
+
+    assert use_channels_last(load_model("micro-vit-32").model) is False
+    rn = load_model("tiny-rn-48").model
+    assert use_channels_last(rn) is True
+    conv = next(m for m in rn.visual.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
