@@ -127,6 +127,7 @@ class RunConfig:
     num_workers: int = 0
     teacher_cache: bool = False  # teacher features from the feature cache: computed once, reused across runs
     image_cache: bool = False  # decoded, resized images as a uint8 memory map: decoded once, reused across runs
+    leakage_suite: str | None = None  # suite YAML whose evaluation sets are checked for overlap (image ids) at start
     # output
     output_dir: str = "runs"
     run_name: str | None = None
@@ -204,6 +205,8 @@ class RunConfig:
         number("checkpoint_every", 1, integer=True, optional=True)
         one_of("on_bad_sample", BAD_SAMPLE_POLICIES)
         number("num_workers", 0, integer=True)
+        if self.leakage_suite is not None and (not isinstance(self.leakage_suite, str) or not self.leakage_suite.strip()):
+            raise ConfigError(f"leakage_suite must be the path of a suite YAML file or null, got {self.leakage_suite!r}")
         number("log_every", 1, integer=True)
         return self
 
@@ -320,6 +323,8 @@ FIELD_HELP: dict[str, str] = {
     "teacher_cache": "take teacher features from the feature cache (computed once per teacher and data set, "
                      "reused across epochs and runs; equal to recomputing them)",
     "image_cache": "keep decoded, resized images in a uint8 memory map in the cache (decode JPEGs once per data set)",
+    "leakage_suite": "suite YAML (e.g. data_manifests/suites/paper.yaml): at the start of a run, report evaluation images "
+                     "whose id is in the training set (leakage.json, log.jsonl); map-style manifests only",
     "output_dir": "folder holding run directories",
     "run_name": "run directory name (default: method, time and seed)",
     "log_every": "write a log line every N steps",

@@ -87,8 +87,10 @@ FORMAT_SPECS: dict[str, FormatSpec] = {
                            "Flickr8k.token.txt ('img.jpg#0<TAB>caption') + a split image list"),
     "csv": FormatSpec(("captions", "classification"), ("records",), ("columns", "delimiter", "label_by"),
                       "CSV/TSV/JSONL table: image path + caption(s), or image path + label"),
-    "webdataset": FormatSpec(("captions", "classification"), ("shards",), ("image_ext", "caption_ext", "label_ext"),
-                             "WebDataset tar shards ({key}.jpg + {key}.txt [+ {key}.json]), as img2dataset writes them"),
+    "webdataset": FormatSpec(("captions", "classification"), ("shards",),
+                             ("image_ext", "caption_ext", "label_ext", "num_samples"),
+                             "WebDataset tar shards ({key}.jpg + {key}.txt [+ {key}.json]), as img2dataset writes them; "
+                             "num_samples: the sample count of all shards together (the streaming trainer's epoch length)"),
     "imagefolder": FormatSpec(("classification",), (), ("class_folders", "split_file", "split_ext", "ignore_folders",
                                                         "extensions"),
                               "root/<class folder>/<image>, optionally restricted to a split list"),
@@ -924,6 +926,33 @@ def read_webdataset(manifest: Manifest) -> Iterator[Record]:
             yield _wds_record(sample, manifest.kind, img_exts, cap_ext, lab_ext, i)
 
 
+# Formats the trainer streams (an IterableDataset over shards) instead of listing every record.
+STREAMING_FORMATS = ("webdataset",)
+
+
+def is_streaming(manifest: Manifest) -> bool:
+    """Whether the trainer streams this manifest (WebDataset shards) rather than reading it map-style."""
+    return manifest.format in STREAMING_FORMATS
+
+
+def manifest_num_samples(manifest: Manifest) -> int | None:
+    """The sample count a streaming manifest declares, without reading its shards (None if it does not).
+
+    ``num_samples`` (all shards together) wins; a manifest written by CLIP-score filtering carries the
+    count of kept samples as ``filter.kept``, which is used when ``num_samples`` is absent."""
+    value = manifest.fields.get("num_samples")
+    where = "num_samples"
+    if value is None:
+        filt = manifest.fields.get("filter")
+        value, where = (filt.get("kept"), "filter.kept") if isinstance(filt, dict) else (None, where)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ManifestError(f"{manifest.path}: field '{where}' must be a positive integer (the number of samples "
+                            f"of all shards together), got {value!r}")
+    return value
+
+
 # ------------------------------------------------------------------------------------ image access
 class _TarIndex:
     """Member name -> (data offset, size) of uncompressed tar shards, for random access by locator."""
@@ -1078,10 +1107,12 @@ class WebDatasetPairs(_IterableDataset):
         self.skipped = 0
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, preprocess: Callable, tokenizer: Callable, **kwargs) -> "WebDatasetPairs":
+    def from_manifest(cls, manifest: Manifest, preprocess: Callable, tokenizer: Callable,
+                      shards: Sequence[str | os.PathLike] | None = None, **kwargs) -> "WebDatasetPairs":
+        """Stream a ``webdataset`` manifest: all its shards, or ``shards`` (a subset, e.g. the training ones)."""
         img_exts, cap_ext, _ = _wds_exts(manifest)
-        return cls([str(s) for s in manifest_shards(manifest)], preprocess, tokenizer,
-                   image_ext=img_exts, caption_ext=cap_ext, **kwargs)
+        shards = manifest_shards(manifest) if shards is None else shards
+        return cls([str(s) for s in shards], preprocess, tokenizer, image_ext=img_exts, caption_ext=cap_ext, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

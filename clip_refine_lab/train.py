@@ -3,7 +3,9 @@
 One readable loop in the spirit of nanoGPT's train.py. Per step:
 
 1. take the step's global batch (order and caption choice are pure functions of seed, epoch and
-   index, so a resumed run sees exactly the batches an uninterrupted one would);
+   index, so a resumed run sees exactly the batches an uninterrupted one would); WebDataset
+   manifests are streamed instead of indexed (:meth:`Refiner._setup_stream`, :meth:`Refiner._stream_batches`),
+   with the same guarantee;
 2. draw the step's randomness (RaFA prior sample z, m2-mix lambda) from a generator seeded by
    (seed, step): again nothing to save for resuming;
 3. teacher features for the whole batch (frozen copy of the starting model, no grad);
@@ -29,6 +31,7 @@ Run directory layout (README, "Run directory")::
         model_best.safetensors   lowest validation loss (open_clip-loadable state dict)
         model_final.safetensors  weights after the last step
         prior_stats.safetensors  per-dimension feature statistics, for the *-stats priors
+        leakage.json             image-id overlap with the evaluation sets of leakage_suite, when set
         summary.json             written last: the run is complete
 """
 
@@ -49,6 +52,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
 from .data import CaptionPairs, CaptionRecord, load_manifest
+from .data_formats import is_streaming
 from .features import Subset
 from .distributed import gather_features, world_info
 from .methods import Method, get_method, loss_terms
@@ -59,7 +63,12 @@ from .utils import atomic_path, atomic_write, atomic_write_json, seed_everything
 
 # Fields that may differ between a run and its resumption (where and how fast, not what is computed).
 RESUMABLE_FIELDS = ("output_dir", "run_name", "device", "num_workers", "log_every", "max_steps",
-                    "attention", "compile", "channels_last")
+                    "attention", "compile", "channels_last", "leakage_suite")
+
+# Streaming (WebDataset manifests): at most this many held-out pairs are read at each validation, and
+# the *-stats priors are computed on the first STREAM_STATS_SAMPLES training pairs of the stream.
+STREAM_VAL_MAX = 2000
+STREAM_STATS_SAMPLES = 10_000
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -167,35 +176,208 @@ class Refiner:
         if self.manifest.kind != "captions":
             raise ConfigError(f"data: {self.manifest.path} is a {self.manifest.kind} manifest; "
                               "post-pre-training needs image-caption pairs")
-        all_records = [r for r in self.manifest.records() if isinstance(r, CaptionRecord)]
-        records, self.skipped = self._screen(all_records)
-        train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, cfg.seed)
-        self.train_records = [records[i] for i in train_idx]
-        self.val_records = [records[i] for i in val_idx]
-        if len(self.train_records) < cfg.batch_size:  # type: ignore[operator]
+        if cfg.leakage_suite is not None and not Path(cfg.leakage_suite).is_file():
+            raise ConfigError(f"leakage_suite: suite file not found: {cfg.leakage_suite} "
+                              "(e.g. data_manifests/suites/paper.yaml)")
+        # WebDataset shards are streamed (never listed: CC12M-size sets need not fit in memory);
+        # every other format is read map-style: all records listed, then split and indexed.
+        self.streaming = is_streaming(self.manifest)
+        if self.streaming:
+            self.num_train_pairs = self._setup_stream()
+            self.skipped = 0  # counted while streaming (see summary.json)
+        else:
+            all_records = [r for r in self.manifest.records() if isinstance(r, CaptionRecord)]
+            records, self.skipped = self._screen(all_records)
+            train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, cfg.seed)
+            self.train_records = [records[i] for i in train_idx]
+            self.val_records = [records[i] for i in val_idx]
+            self.num_train_pairs, self.num_val_pairs = len(self.train_records), len(self.val_records)
+        self.has_val = self.num_val_pairs > 0
+        if self.num_train_pairs is not None and self.num_train_pairs < cfg.batch_size:  # type: ignore[operator]
+            counted = f", counted from the num_samples of {self.manifest.path}" if self.streaming else ""
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
-                              f"({len(self.train_records)} pairs after the validation split)")
+                              f"({self.num_train_pairs} pairs after the validation split{counted})")
         if cfg.batch_size % self.world_size:  # type: ignore[operator]
             raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.world_size})")
         self.local_batch = cfg.batch_size // self.world_size  # type: ignore[operator]
         if self.local_batch % cfg.accum_steps:
             raise ConfigError(f"per-process batch {self.local_batch} must be divisible by accum_steps ({cfg.accum_steps})")
-        self.steps_per_epoch = len(self.train_records) // cfg.batch_size  # type: ignore[operator]
-        self.total_steps = max(1, int(round(self.steps_per_epoch * cfg.epochs)))  # type: ignore[operator]
+        if self.num_train_pairs is None:  # a stream of unknown length: max_steps is the whole run, one epoch
+            self.steps_per_epoch = self.total_steps = cfg.max_steps  # type: ignore[assignment]
+        else:
+            self.steps_per_epoch = self.num_train_pairs // cfg.batch_size  # type: ignore[operator]
+            self.total_steps = max(1, int(round(self.steps_per_epoch * cfg.epochs)))  # type: ignore[operator]
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        images = self._image_cache(all_records, records)
-        self.train_set = CaptionPairs(self.train_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed,
-                                      image_cache=Subset(images, train_idx) if images is not None else None)
-        self.val_set = CaptionPairs(self.val_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed + 1,
-                                    image_cache=Subset(images, val_idx) if images is not None else None)
-        self.teacher_features = self._teacher_cache(all_records, records, train_idx, val_idx)
+        if self.streaming:
+            self.teacher_features = None
+        else:
+            images = self._image_cache(all_records, records)
+            self.train_set = CaptionPairs(self.train_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed,
+                                          image_cache=Subset(images, train_idx) if images is not None else None)
+            self.val_set = CaptionPairs(self.val_records, self.base.preprocess, self.base.tokenizer, seed=cfg.seed + 1,
+                                        image_cache=Subset(images, val_idx) if images is not None else None)
+            self.teacher_features = self._teacher_cache(all_records, records, train_idx, val_idx)
         self.val_every = cfg.val_every or max(1, self.steps_per_epoch // 4)
         self.checkpoint_every = cfg.checkpoint_every or self.val_every
         self.optimizer = build_optimizer(self.model, cfg)
         self.prior = self._build_prior() if self.method.needs_prior else None
         self.autocast = self._autocast()
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+
+    # ------------------------------------------------------------ streaming (WebDataset manifests)
+    def _setup_stream(self) -> int | None:
+        """Set up streaming from a WebDataset manifest without listing its records; return the number
+        of training pairs per epoch (None when the manifest does not declare a sample count).
+
+        * Validation hold-out: with ``val_fraction > 0`` the *last* ``max(1, round(val_fraction *
+          shards))`` shards of the manifest's shard list are validation shards, never streamed for
+          training; each validation reads the first ``STREAM_VAL_MAX`` pairs of them, in order.
+        * Epoch length: the manifest's ``num_samples`` (all shards; a filtered manifest's
+          ``filter.kept`` when absent) times the training share of the shards, divided by the batch
+          size. Without a count, ``max_steps`` is required and is the whole run (a single epoch).
+        * Sharding: :class:`~clip_refine_lab.data_formats.WebDatasetPairs` with this process's rank,
+          ``seed``; ``on_bad_sample`` fail -> raise, skip -> skip. See :meth:`_stream_batches` for
+          epochs, running out of shards and resuming.
+        """
+        from .data_formats import WebDatasetPairs, manifest_num_samples, manifest_shards
+
+        cfg, m = self.cfg, self.manifest
+        if cfg.teacher_cache:
+            raise ConfigError(f"teacher_cache needs a map-style manifest; with WebDataset shards ({m.path}) the "
+                              "teacher runs every step: set teacher_cache false")
+        if cfg.image_cache:
+            raise ConfigError(f"image_cache needs a map-style manifest; WebDataset shards ({m.path}) are decoded as "
+                              "they stream: set image_cache false")
+        shards = manifest_shards(m)
+        missing = [s for s in shards if not s.is_file()]
+        if missing:
+            raise ConfigError(f"data: {m.path}: field 'shards': {len(missing)} of {len(shards)} shards not found "
+                              f"(first: {missing[0]}); set 'shards' to the files you have")
+        n_val = 0 if cfg.val_fraction == 0 else max(1, int(round(len(shards) * cfg.val_fraction)))
+        if n_val >= len(shards):
+            raise ConfigError(f"val_fraction {cfg.val_fraction}: streaming holds out whole shards for validation and "
+                              f"{m.path} has {len(shards)} shard(s), leaving none for training; set val_fraction 0 "
+                              "or split the data into more shards")
+        self.train_shards, self.val_shards = shards[:len(shards) - n_val], shards[len(shards) - n_val:]
+        if len(self.train_shards) < self.world_size:
+            raise ConfigError(f"data: {m.path} has {len(self.train_shards)} training shard(s) for {self.world_size} "
+                              "processes; each process streams whole shards, so use fewer processes or more shards")
+        self.bad_sample_policy = {"fail": "raise", "skip": "skip"}[cfg.on_bad_sample]
+        self.cycled = 0  # passes started again because this rank's shards ran out before an epoch's end
+        self.train_set = WebDatasetPairs.from_manifest(
+            m, self.base.preprocess, self.base.tokenizer, shards=self.train_shards, rank=self.rank,
+            world_size=self.world_size, seed=cfg.seed, on_bad_sample=self.bad_sample_policy)
+        self.val_set = None
+        self.val_keys: list[str] = []
+        if self.val_shards:
+            # every rank reads the same validation pairs (rank 0 of 1, shards in order) and takes its slice
+            self.val_set = WebDatasetPairs.from_manifest(
+                m, self.base.preprocess, self.base.tokenizer, shards=self.val_shards, seed=cfg.seed + 1,
+                shuffle_shards=False, on_bad_sample=self.bad_sample_policy)
+            self.val_keys = self._first_keys(self.val_shards, STREAM_VAL_MAX)
+        self.num_val_pairs = len(self.val_keys)
+        total = manifest_num_samples(m)
+        if total is None:
+            if cfg.max_steps is None:
+                raise ConfigError(f"data: {m.path} is a WebDataset manifest without 'num_samples'; the trainer streams "
+                                  "its shards and needs the sample count for the steps per epoch: add "
+                                  "'num_samples: N' (all shards together) to the manifest, or set max_steps")
+            return None
+        # shards are assumed about equal in size (img2dataset writes 10,000 samples each)
+        return total * len(self.train_shards) // len(shards)
+
+    @staticmethod
+    def _first_keys(shards, limit: int) -> list[str]:
+        """Keys of the first ``limit`` samples of ``shards`` in order (tar headers only: no decoding)."""
+        from .data_formats import iter_tar_samples
+
+        keys: list[str] = []
+        for shard in shards:
+            for sample in iter_tar_samples(shard, want=lambda ext: False):
+                keys.append(sample["__key__"])
+                if len(keys) >= limit:
+                    return keys
+        return keys
+
+    def _stream_batches(self, start_step: int):
+        """This rank's batches (images, tokens, keys) of steps start_step, start_step + 1, ... (streaming).
+
+        Epoch ``e`` is steps ``[e * steps_per_epoch, (e + 1) * steps_per_epoch)`` on every rank (DDP
+        ranks must take the same number of steps): the stream is restarted with ``set_epoch(e)`` (shard
+        order and caption choice drawn from (seed, e)) and stopped after the epoch's last step.
+        If this rank's shards run out first (bad samples skipped, unequal shards, or each DataLoader
+        worker dropping its last partial batch), it reads its shards again in the order of the next
+        epoch (``set_epoch(e + 1)``, then ``e + 2``, ...) until the epoch's steps are done, and says so;
+        a pass that yields no batch at all raises. Resuming at step ``e * steps_per_epoch + k`` restarts
+        epoch ``e`` the same way and discards its first ``k`` batches (they are read and decoded again),
+        so the resumed run sees exactly the batches of an uninterrupted one (exactly with
+        ``num_workers`` equal in both; the order of workers' batches depends on their number).
+        """
+        cfg = self.cfg
+        loader = torch.utils.data.DataLoader(
+            self.train_set, batch_size=self.local_batch, num_workers=cfg.num_workers, collate_fn=collate_pairs,
+            pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
+            prefetch_factor=4 if cfg.num_workers else None)
+        step = start_step
+        while step < self.total_steps:
+            epoch, skip = divmod(step, self.steps_per_epoch)
+            end = min(self.total_steps, (epoch + 1) * self.steps_per_epoch) - epoch * self.steps_per_epoch
+            taken, p = 0, 0  # batches of this epoch so far (discarded ones included); pass over the shards
+            while taken < end:
+                if p > 0:
+                    self.cycled += 1
+                    print(f"streaming: rank {self.rank}'s training shards ran out after {taken} of {end} batches of "
+                          f"epoch {epoch}; reading them again in epoch {epoch + p}'s shard order")
+                self.train_set.set_epoch(epoch + p)  # before iter(): workers copy the dataset when they start
+                got = 0
+                for batch in loader:
+                    got += 1
+                    if taken >= skip:
+                        yield batch
+                    taken += 1
+                    if taken == end:
+                        break
+                if got == 0:
+                    raise ConfigError(f"data: rank {self.rank} got no training batch from its shards of "
+                                      f"{self.manifest.path} ({len(self.train_shards)} training shards, "
+                                      f"{self.world_size} processes x {max(1, cfg.num_workers)} workers, per-process "
+                                      f"batch {self.local_batch}); use fewer workers or more, larger shards")
+                p += 1
+            step = epoch * self.steps_per_epoch + end
+
+    def _stream_val_batches(self, n_val: int, global_bs: int, local_bs: int):
+        """(start, images, tokens, None) of each full global validation batch, read from the validation shards."""
+        loader = torch.utils.data.DataLoader(self.val_set, batch_size=global_bs, num_workers=0, drop_last=True,
+                                             collate_fn=collate_pairs)
+        mine = slice(self.rank * local_bs, (self.rank + 1) * local_bs)
+        for b, (images, tokens, _) in enumerate(loader):
+            start = b * global_bs
+            if start + global_bs > n_val:
+                break
+            yield (start, *self.to_device(images[mine], tokens[mine]), None)
+
+    def _streamed_features(self, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw image and text features of the first ``limit`` training pairs, shards in manifest order
+        (the same on every rank), one caption per image as streamed: for the *-stats priors."""
+        from .data_formats import WebDatasetPairs
+
+        ds = WebDatasetPairs.from_manifest(self.manifest, self.base.preprocess, self.base.tokenizer,
+                                           shards=self.train_shards, seed=self.cfg.seed, shuffle_shards=False,
+                                           on_bad_sample=self.bad_sample_policy)
+        loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=self.cfg.num_workers,
+                                             collate_fn=collate_pairs)
+        image, text, n = [], [], 0
+        self.model.eval()
+        with torch.no_grad():
+            for images, tokens, _ in tqdm(loader, desc="prior stats", disable=not self.progress, leave=False):
+                take = min(len(images), limit - n)
+                image.append(self.model.encode_image(images[:take].to(self.device)).float().cpu())
+                text.append(self.model.encode_text(tokens[:take].to(self.device)).float().cpu())
+                n += take
+                if n >= limit:
+                    break
+        return torch.cat(image), torch.cat(text)
 
     # ---------------------------------------------------------------------------------- helpers
     def _screen(self, records: list[CaptionRecord]) -> tuple[list[CaptionRecord], int]:
@@ -267,7 +449,8 @@ class Refiner:
                            high=cfg.prior_high, vector=cfg.prior_vector, stats=stats)
 
     def _feature_stats(self) -> dict:
-        """Per-dimension mean/std of the starting model's raw features on the training set, once per run."""
+        """Per-dimension mean/std of the starting model's raw features on the training set, once per run
+        (streaming: on its first ``STREAM_STATS_SAMPLES`` pairs)."""
         from safetensors.torch import load_file, save_file
 
         from .features import encode_images, encode_texts
@@ -275,10 +458,13 @@ class Refiner:
 
         path = self.run_dir / "prior_stats.safetensors"
         if not path.is_file():
-            image = encode_images(self.model, Images(self.train_records, self.base.preprocess),
-                                  device=self.device, progress=self.progress, desc="prior stats")
-            text = encode_texts(self.model, self.base.tokenizer, [r.captions[0] for r in self.train_records],
-                                device=self.device, progress=self.progress, desc="prior stats")
+            if self.streaming:  # the first STREAM_STATS_SAMPLES streamed pairs stand for the training set
+                image, text = self._streamed_features(STREAM_STATS_SAMPLES)
+            else:
+                image = encode_images(self.model, Images(self.train_records, self.base.preprocess),
+                                      device=self.device, progress=self.progress, desc="prior stats")
+                text = encode_texts(self.model, self.base.tokenizer, [r.captions[0] for r in self.train_records],
+                                    device=self.device, progress=self.progress, desc="prior stats")
             tensors = {}
             for key, feats in (("image", image), ("text", text), ("all", torch.cat([image, text]))):
                 mean, std = feature_statistics(feats)
@@ -317,6 +503,8 @@ class Refiner:
 
     def train_loader(self, start_step: int) -> torch.utils.data.DataLoader:
         """Batches of steps start_step, start_step + 1, ... in order, loaded by ``num_workers`` processes."""
+        if self.streaming:
+            return self._stream_batches(start_step)  # type: ignore[return-value]
         steps = range(start_step, self.total_steps)
 
         def batches():
@@ -418,22 +606,27 @@ class Refiner:
     @torch.no_grad()
     def validate(self) -> float | None:
         """Mean method loss on the held-out pairs (fixed z and lambda, so values compare across steps)."""
-        if not self.val_records:
+        if not self.has_val:
             return None
         self.model.eval()
-        global_bs = max(self.world_size, min(self.cfg.batch_size, len(self.val_records)) // self.world_size * self.world_size)
+        global_bs = max(self.world_size, min(self.cfg.batch_size, self.num_val_pairs) // self.world_size * self.world_size)
         local_bs = global_bs // self.world_size
         total, count = 0.0, 0
-        for start in range(0, len(self.val_records) - global_bs + 1, global_bs):
-            first = start + self.rank * local_bs
-            items = range(first, first + local_bs)
-            images, tokens = self.load_batch(self.val_set, items)
+        for start, images, tokens, items in (self._stream_val_batches(self.num_val_pairs, global_bs, local_bs)
+                                             if self.streaming else self._val_batches(global_bs, local_bs)):
             terms = self.compute_loss(images, tokens, start, train=False,
                                       teacher=self.teacher_batch("val", self.val_set, items))
             total += float(terms["loss"]) * global_bs
             count += global_bs
         self.model.train()
         return total / count if count else None
+
+    def _val_batches(self, global_bs: int, local_bs: int):
+        """(start, images, tokens, items) of this rank's slice of each full global validation batch."""
+        for start in range(0, self.num_val_pairs - global_bs + 1, global_bs):
+            first = start + self.rank * local_bs
+            items = range(first, first + local_bs)
+            yield (start, *self.load_batch(self.val_set, items), items)
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_state(self, step: int, best_val: float | None) -> None:
@@ -474,7 +667,9 @@ class Refiner:
         log_path = self.run_dir / "log.jsonl"
         if self.rank == 0:
             _truncate_log(log_path, step)
-        if step == 0 and self.val_records:
+            if step == 0 and cfg.leakage_suite is not None:
+                self.check_leakage(log_path)
+        if step == 0 and self.has_val:
             # the starting model is a candidate too: a run that only gets worse keeps it
             best_val = self.validate()
             self.save_weights("model_best.safetensors")
@@ -528,14 +723,53 @@ class Refiner:
                 self.save_state(step, best_val)
         bar.close()
         self.save_weights("model_final.safetensors")
-        if not self.val_records:
+        if not self.has_val:
             self.save_weights("model_best.safetensors")
         if self.rank == 0:
-            atomic_write_json(self.run_dir / "summary.json", {
-                "steps": step, "best_val_loss": best_val, "skipped_samples": self.skipped,
-                "train_pairs": len(self.train_records), "val_pairs": len(self.val_records),
-                "world_size": self.world_size})
+            summary = {"steps": step, "best_val_loss": best_val, "skipped_samples": self.skipped,
+                       "train_pairs": self.num_train_pairs, "val_pairs": self.num_val_pairs,
+                       "world_size": self.world_size}
+            if self.streaming:
+                # skipped samples are counted by whichever process read them: known here without workers only
+                summary["skipped_samples"] = self.train_set.skipped if cfg.num_workers == 0 else None
+                summary["streaming"] = {"train_shards": len(self.train_shards), "val_shards": len(self.val_shards),
+                                        "steps_per_epoch": self.steps_per_epoch, "cycled_passes_rank0": self.cycled}
+            atomic_write_json(self.run_dir / "summary.json", summary)
         return self.run_dir
+
+    def check_leakage(self, log_path: Path) -> None:
+        """Image-id overlap between the training set and the evaluation sets of ``cfg.leakage_suite``.
+
+        Ids only (COCO ids from file names, Flickr photo ids: no image hashing, so it costs a listing of
+        each manifest); written to ``leakage.json`` and one ``{"kind": "leakage"}`` line of log.jsonl,
+        with a printed warning when any evaluation image is in the training set. Skipped (and logged
+        as such) for streaming manifests, whose records the trainer never lists: check them offline
+        with ``clip-refine-lab data leakage``. A suite whose data is missing is logged, not fatal.
+        """
+        from .data import ManifestError
+        from .datacheck import leakage_report
+        from .evaluate import load_suite
+
+        record: dict = {"kind": "leakage", "step": 0, "suite": str(self.cfg.leakage_suite)}
+        if self.streaming:
+            record["skipped"] = "streaming manifest: records are not listed; run clip-refine-lab data leakage"
+            print(f"leakage check skipped: {self.manifest.path} is streamed (WebDataset); "
+                  "check it with: clip-refine-lab data leakage TRAIN EVAL...")
+        else:
+            try:
+                suite = load_suite(self.cfg.leakage_suite, self.cfg.preset)
+                evals = sorted({str(p) for p in [*suite.zero_shot, *suite.retrieval, *suite.geometry]})
+                report = leakage_report(self.manifest, evals, data_root=self.cfg.data_root, hash_images=False)
+            except (ManifestError, OSError, ValueError) as e:
+                record["error"] = f"{type(e).__name__}: {e}"
+                print(f"leakage check failed ({record['error']}); training goes on")
+            else:
+                atomic_write_json(self.run_dir / "leakage.json", report.to_dict())
+                record.update(overlap=sum(e.overlap for e in report.evals),
+                              evals={e.name: e.overlap for e in report.evals})
+                if report.leaks:
+                    print("WARNING: evaluation images are in the training set\n" + report.format())
+        _append(log_path, record)  # not through the callback: live plots expect train/val records
 
 
 class _Batches(torch.utils.data.Sampler):
