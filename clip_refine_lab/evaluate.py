@@ -121,13 +121,14 @@ def geometry_scores(fs: FeatureSet) -> dict[str, float]:
 
 
 def evaluate_model(loaded: LoadedModel, suite: Suite, *, device: str | torch.device = "cpu", progress: bool = True,
-                   data_root: str | None = None) -> dict:
-    """All metrics of one model on a suite (features through the cache)."""
+                   data_root: str | None = None, image_cache: bool = False) -> dict:
+    """All metrics of one model on a suite (features through the cache; images through the decoded-image
+    cache with ``image_cache``)."""
     from .features import weights_fingerprint
 
     fp = weights_fingerprint(loaded.model)
     feats = lambda m: dataset_features(loaded, m, device=device, data_root=data_root, progress=progress,  # noqa: E731
-                                       weights_fp=fp)
+                                       weights_fp=fp, image_cache=image_cache)
     result: dict = {"zero_shot": {}, "retrieval": {}, "geometry": {}}
     if suite.linear_probe:
         result["linear_probe"] = {}
@@ -191,8 +192,11 @@ def load_run_models(run_dir: str | os.PathLike, device: str | torch.device = "cp
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None = None, device: str = "auto",
-                 progress: bool = True, data_root: str | None = None, checkpoint: str = "best") -> dict:
-    """Evaluate a run's refined model and its starting model; write metrics.json and metrics.csv."""
+                 progress: bool = True, data_root: str | None = None, checkpoint: str = "best",
+                 image_cache: bool | None = None) -> dict:
+    """Evaluate a run's refined model and its starting model; write metrics.json and metrics.csv.
+
+    ``image_cache=None`` follows the run's own ``image_cache`` setting."""
     from .train import resolve_device
 
     run_dir = Path(run_dir)
@@ -200,11 +204,14 @@ def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None 
     dev = resolve_device(device)
     the_suite = load_suite(suite, cfg.preset)
     base, refined = load_run_models(run_dir, dev, checkpoint)
+    use_cache = cfg.image_cache if image_cache is None else image_cache
     result = {
         "run": str(run_dir), "method": cfg.method, "run_name": cfg.run_name, "checkpoint": checkpoint,
         "models": {
-            PRETRAINED_LABEL: evaluate_model(base, the_suite, device=dev, progress=progress, data_root=data_root),
-            cfg.run_name: evaluate_model(refined, the_suite, device=dev, progress=progress, data_root=data_root),
+            PRETRAINED_LABEL: evaluate_model(base, the_suite, device=dev, progress=progress, data_root=data_root,
+                                             image_cache=use_cache),
+            cfg.run_name: evaluate_model(refined, the_suite, device=dev, progress=progress, data_root=data_root,
+                                         image_cache=use_cache),
         },
         "leakage": _leakage(cfg, the_suite, data_root),
     }

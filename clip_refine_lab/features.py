@@ -86,8 +86,12 @@ def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], *, bat
 
 def dataset_features(loaded: LoadedModel, manifest: str | os.PathLike | Manifest, *, device: str | torch.device = "cpu",
                      batch_size: int = 256, data_root: str | None = None, cache: bool = True,
-                     progress: bool = True, weights_fp: str | None = None) -> FeatureSet:
-    """Features of every image and caption (or class prompt) of a manifest, through the cache."""
+                     progress: bool = True, weights_fp: str | None = None, image_cache: bool = False) -> FeatureSet:
+    """Features of every image and caption (or class prompt) of a manifest, through the cache.
+
+    ``image_cache``: read images from the decoded-image cache (:class:`DecodedImages`, built on first
+    use) instead of decoding and resizing every file again: the same tensors, so the same features;
+    a sweep evaluates dozens of models on the same sets, and decoding dominated small models' encoding."""
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest, data_root=data_root)
     if not cache:
@@ -98,7 +102,9 @@ def dataset_features(loaded: LoadedModel, manifest: str | os.PathLike | Manifest
     if cache and path.is_file():
         return _load(path, manifest)
     records = manifest.records()
-    image = encode_images(loaded.model, Images(records, loaded.preprocess), batch_size=batch_size, device=device,
+    images = (_Indexed(DecodedImages(records, loaded.preprocess, manifest, progress=progress)) if image_cache
+              else Images(records, loaded.preprocess))
+    image = encode_images(loaded.model, images, batch_size=batch_size, device=device,
                           progress=progress, desc=f"{manifest.name} images")
     tensors: dict[str, torch.Tensor] = {"image": image}
     if manifest.kind == "captions":
@@ -210,6 +216,19 @@ class DecodedImages:
     def __getitem__(self, index: int) -> torch.Tensor:
         u8 = torch.from_numpy(np.array(self.array[index])).permute(2, 0, 1)
         return normalize_uint8(u8.unsqueeze(0), self.mean, self.std)[0]
+
+
+class _Indexed:
+    """(image, index) items, as :class:`clip_refine_lab.data.Images` yields them, from an image cache."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        return self.base[index], index
 
 
 class Subset:

@@ -32,6 +32,7 @@ class PretrainRecipe:
     weight_decay: float = 0.1
     warmup_steps: int = 100
     seed: int = 0
+    logit_scale_init: float | None = None  # initial exp(logit_scale); None = open_clip's 1/0.07
 
 
 RECIPES = {
@@ -48,7 +49,9 @@ def base_checkpoint_path(arch: str | None = None, *, world_preset: str | None = 
     arch = arch or preset.model
     recipe = recipe or RECIPES[preset.name]
     world_cfg = WorldConfig.preset(preset.world)
-    key = stable_hash([PRETRAIN_VERSION, WORLD_VERSION, asdict(world_cfg), arch, asdict(recipe)])
+    # Unset optional fields stay out of the key, so adding a field does not invalidate cached bases.
+    recipe_key = {k: v for k, v in asdict(recipe).items() if v is not None}
+    key = stable_hash([PRETRAIN_VERSION, WORLD_VERSION, asdict(world_cfg), arch, recipe_key])
     return cache_dir() / "base" / f"{arch}-{key}.safetensors"
 
 
@@ -73,6 +76,9 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     seed_everything(recipe.seed)
     loaded = load_model(arch, None, device=device)
     model = loaded.model
+    if recipe.logit_scale_init is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(recipe.logit_scale_init))
     size = _image_size(loaded)
     records = load_manifest(world.manifest("synthetic-web")).records()
     images = decode_images(records, size, progress=progress)

@@ -54,6 +54,15 @@ def test_cached_features_equal_direct_encoding(micro_world, micro_base):
     assert fs.text.shape[:2] == (8, 5) and fs.labels.tolist() == [r.label for r in records]
 
 
+def test_features_through_the_image_cache_equal_decoding_every_file(micro_world, micro_base):
+    loaded = load_model(str(micro_base))
+    manifest = micro_world.manifest("synthetic-retrieval")
+    plain = features.dataset_features(loaded, manifest, progress=False, cache=False)
+    cached = features.dataset_features(loaded, manifest, progress=False, cache=False, image_cache=True)
+    assert torch.equal(plain.image, cached.image) and torch.equal(plain.text, cached.text)
+    assert torch.equal(plain.text_to_image, cached.text_to_image)
+
+
 def test_decoded_uint8_path_equals_preprocess(micro_world, micro_base):
     from clip_refine_lab.data import load_image, load_manifest
 
