@@ -163,7 +163,8 @@ class Refiner:
         self.model = self.base.model
         if cfg.attention == "sdpa":
             use_sdpa_attention(self.model)
-        self.channels_last = bool(cfg.channels_last) and use_channels_last(self.model)
+        want_nhwc = self.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+        self.channels_last = bool(want_nhwc) and use_channels_last(self.model)
         self.teacher = None
         if self.method.needs_teacher:
             # The teacher is an exact, frozen copy of the starting model (released code: deepcopy + no_grad).
@@ -706,6 +707,8 @@ class Refiner:
                 self.model.logit_scale.clamp_(0, math.log(100))
             step += 1
             if self.rank == 0 and (step % cfg.log_every == 0 or step == self.total_steps):
+                if self.device.type == "cuda":  # kernels run asynchronously: time the step, not its launch
+                    torch.cuda.synchronize(self.device)
                 record = step_record(terms, step, epoch, lr, cfg.batch_size / (time.perf_counter() - t0),  # type: ignore[operator]
                                      float(self.model.logit_scale.exp().item()))
                 self._emit(log_path, record)

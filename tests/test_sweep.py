@@ -107,7 +107,7 @@ def test_shipped_specs_are_valid(name, tmp_path):
         main = [r for r in runs if r.table == "main"]
         assert {r.config.method for r in main} == {"contrastive", "m2-mix", "self-kd", "hycd", "hycd+l2", "clip-refine"}
         assert {r.seed for r in main} == {0, 1, 2}
-        assert {r.config.model for r in runs if r.table == "backbone"} >= {"tiny-vit-wide-48", "tiny-rn-48"}
+        assert {r.config.model for r in runs if r.table == "backbone"} >= {"tiny-vit-deep-48", "tiny-rn-48"}
         big = [r for r in runs if r.table == "batch" and r.config.batch_size > 256]
         assert big and all(r.config.accum_steps > 1 for r in big)
         plan = sw.plan(spec, tmp_path)
