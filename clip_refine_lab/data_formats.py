@@ -939,18 +939,42 @@ def manifest_num_samples(manifest: Manifest) -> int | None:
     """The sample count a streaming manifest declares, without reading its shards (None if it does not).
 
     ``num_samples`` (all shards together) wins; a manifest written by CLIP-score filtering carries the
-    count of kept samples as ``filter.kept``, which is used when ``num_samples`` is absent."""
+    count of kept samples as ``filter.kept``, which is used when ``num_samples`` is absent. Failing
+    both, img2dataset's per-shard statistics (``00000_stats.json`` beside ``00000.tar``, field
+    ``successes``) are summed when every shard has one: a plain img2dataset download needs no edit."""
     value = manifest.fields.get("num_samples")
     where = "num_samples"
     if value is None:
         filt = manifest.fields.get("filter")
         value, where = (filt.get("kept"), "filter.kept") if isinstance(filt, dict) else (None, where)
     if value is None:
-        return None
+        return _img2dataset_successes(manifest)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ManifestError(f"{manifest.path}: field '{where}' must be a positive integer (the number of samples "
                             f"of all shards together), got {value!r}")
     return value
+
+
+def _img2dataset_successes(manifest: Manifest) -> int | None:
+    """Sum of ``successes`` over the img2dataset ``<shard>_stats.json`` files, or None if any is missing."""
+    total = 0
+    try:
+        shards = manifest_shards(manifest)
+    except ManifestError:
+        return None
+    for shard in shards:
+        stats = shard.with_name(shard.name[: -len(".tar")] + "_stats.json") if shard.name.endswith(".tar") else None
+        if stats is None or not stats.is_file():
+            return None
+        try:
+            count = json.loads(stats.read_text()).get("successes")
+        except (OSError, ValueError) as e:
+            raise ManifestError(f"{stats}: unreadable img2dataset statistics ({e}); delete it or add 'num_samples: N' "
+                                f"to {manifest.path}") from None
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ManifestError(f"{stats}: field 'successes' must be a non-negative integer, got {count!r}")
+        total += count
+    return total or None
 
 
 # ------------------------------------------------------------------------------------ image access

@@ -281,9 +281,10 @@ class Refiner:
         total = manifest_num_samples(m)
         if total is None:
             if cfg.max_steps is None:
-                raise ConfigError(f"data: {m.path} is a WebDataset manifest without 'num_samples'; the trainer streams "
-                                  "its shards and needs the sample count for the steps per epoch: add "
-                                  "'num_samples: N' (all shards together) to the manifest, or set max_steps")
+                raise ConfigError(f"data: {m.path} is a WebDataset manifest without 'num_samples' (and without "
+                                  "img2dataset _stats.json files beside every shard); the trainer streams its shards "
+                                  "and needs the sample count for the steps per epoch: add 'num_samples: N' (all "
+                                  "shards together) to the manifest, or set max_steps")
             return None
         # shards are assumed about equal in size (img2dataset writes 10,000 samples each)
         return total * len(self.train_shards) // len(shards)

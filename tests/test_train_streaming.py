@@ -187,3 +187,23 @@ def test_leakage_check_at_the_start_of_a_run(tmp_path, micro_base, capsys):
     first = json.loads((run_dir / "log.jsonl").read_text().splitlines()[0])
     assert first["kind"] == "leakage" and "streaming manifest" in first["skipped"]
     assert not (run_dir / "leakage.json").exists()
+
+
+def test_sample_count_from_img2dataset_stats(tmp_path):
+    import json
+
+    from clip_refine_lab.data import load_manifest
+    from clip_refine_lab.data_formats import ManifestError, manifest_num_samples, manifest_shards
+
+    man, _ = shards_manifest(tmp_path, num_samples=None)
+    manifest = load_manifest(man)
+    assert manifest_num_samples(manifest) is None  # no count anywhere: the trainer asks for one
+    shards = manifest_shards(manifest)
+    for i, shard in enumerate(shards):  # img2dataset writes <shard>_stats.json with "successes"
+        shard.with_name(shard.stem + "_stats.json").write_text(json.dumps({"successes": PER_SHARD - (i == 0)}))
+    assert manifest_num_samples(load_manifest(man)) == SHARDS * PER_SHARD - 1
+    shards[1].with_name(shards[1].stem + "_stats.json").write_text('{"successes": "many"}')
+    with pytest.raises(ManifestError, match=r"_stats.json: field 'successes'"):
+        manifest_num_samples(load_manifest(man))
+    shards[1].with_name(shards[1].stem + "_stats.json").unlink()  # one shard without statistics: no count
+    assert manifest_num_samples(load_manifest(man)) is None
