@@ -169,7 +169,7 @@ def flop_counter():
 # -------------------------------------------------------------------------------- one bench
 def bench_method(arch: str, method: str, *, device: str, precision: str, batch_size: int, steps: int, warmup: int,
                  teacher_mode: str, world: str, workdir: str, profile: int = 0, attention: str = "sdpa",
-                 compile: bool = False, channels_last: bool = False) -> dict:
+                 compile: bool = False, channels_last: bool | None = None) -> dict:
     """Time the Refiner's optimiser step for one (model, method, teacher mode)."""
     import torch
 
@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="smoke test: micro world, tiny-vit-48 only, batch 16, 1 timed step")
     p.add_argument("--attention", default="sdpa", help="RunConfig.attention: sdpa, native, or both (one row each)")
     p.add_argument("--compile", action="store_true", help="RunConfig.compile: torch.compile the towers")
-    p.add_argument("--channels-last", action="store_true", help="RunConfig.channels_last (conv towers)")
+    p.add_argument("--channels-last", default=None, choices=("on", "off"),
+                   help="RunConfig.channels_last for conv towers (default: the trainer's: on for GPU, off for CPU)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row = bench_method(arch, method, device=device, precision=precision, batch_size=batch,
                                        steps=steps, warmup=warmup, teacher_mode=mode, world=world, workdir=workdir,
                                        profile=args.profile, attention=attention, compile=args.compile,
-                                       channels_last=args.channels_last)
+                                       channels_last=None if args.channels_last is None else args.channels_last == "on")
                     row["px"] = px
                     gc.collect()  # the Refiner of this row is gone: free its memory before the next one
                     if kind == "cuda":
