@@ -225,8 +225,16 @@ def _leakage(cfg: RunConfig, suite: Suite, data_root: str | None) -> dict:
     from .datacheck import leakage_report
     from .train import resolve_data
 
+    from .data import load_manifest
+    from .data_formats import is_streaming
+
+    train = load_manifest(resolve_data(cfg), data_root=data_root or cfg.data_root)
+    if is_streaming(train):  # listing the ids of web-scale shards means reading every shard: not at eval time
+        text = (f"leakage check skipped: {train.path} is streamed from WebDataset shards; run "
+                f"'clip-refine-lab data leakage {train.path} <eval manifests>' once to check it")
+        return {"text": text, "overlap": None}
     evals = sorted({str(p) for p in [*suite.zero_shot, *suite.retrieval, *suite.geometry]})
-    report = leakage_report(resolve_data(cfg), evals, data_root=data_root or cfg.data_root, hash_images=False)
+    report = leakage_report(train, evals, data_root=data_root or cfg.data_root, hash_images=False)
     return {"text": report.format(), "overlap": report.to_dict()}
 
 

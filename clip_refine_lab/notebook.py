@@ -637,6 +637,20 @@ def i2t_html(examples: Sequence[Mapping], thumb: int = 96):
     return HTML(f"<table class='crl-i2t'><tr><th>image query</th>{head}</tr>{''.join(rows)}</table>")
 
 
+def leakage_summary(runs: Sequence[Path]) -> str:
+    """The leakage check of each run's evaluation (metrics.json, written by ``evaluate_run``/``compare``):
+    evaluation images that are also in the post-pre-training set (REFERENCE.md: the COCO pitfall)."""
+    lines = []
+    for run in runs:
+        path = Path(run) / "metrics.json"
+        if not path.is_file():
+            lines.append(f"{Path(run).name}: not evaluated yet")
+            continue
+        leakage = json.loads(path.read_text()).get("leakage") or {}
+        lines.append(f"{Path(run).name}: {leakage.get('text') or 'no leakage check recorded'}")
+    return "\n".join(lines)
+
+
 def styled(df, fmt: str = "{:.2f}"):
     """A DataFrame formatted for display (numbers with ``fmt``, MultiIndex columns kept)."""
     return df.style.format(fmt)

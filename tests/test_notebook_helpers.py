@@ -357,3 +357,18 @@ def test_projection_explorer_passes_its_values():
     ex.color.value = "class"
     ex.update_button.click()
     assert seen == [{"method": "umap", "dims": 3, "color": "class", "sample_size": 120, "n_neighbors": 7}]
+
+
+def test_leakage_summary_reads_each_runs_metrics(tmp_path):
+    import json
+
+    from clip_refine_lab.notebook import leakage_summary
+
+    done, pending = tmp_path / "done", tmp_path / "pending"
+    done.mkdir()
+    pending.mkdir()
+    (done / "metrics.json").write_text(json.dumps({"leakage": {"text": "coco-karpathy-test: 5000 of 5000 images "
+                                                                        "also in training (by id)"}}))
+    text = leakage_summary([done, pending]).splitlines()
+    assert text == ["done: coco-karpathy-test: 5000 of 5000 images also in training (by id)",
+                    "pending: not evaluated yet"]
