@@ -207,3 +207,11 @@ def test_sample_count_from_img2dataset_stats(tmp_path):
         manifest_num_samples(load_manifest(man))
     shards[1].with_name(shards[1].stem + "_stats.json").unlink()  # one shard without statistics: no count
     assert manifest_num_samples(load_manifest(man)) is None
+
+
+def test_evaluation_does_not_list_streamed_training_shards(tmp_path, no_listing):
+    from clip_refine_lab.evaluate import _leakage
+
+    man, _ = shards_manifest(tmp_path)
+    out = _leakage(stream_config(tmp_path, man), suite=None, data_root=None)
+    assert out["overlap"] is None and "skipped" in out["text"] and "clip-refine-lab data leakage" in out["text"]
