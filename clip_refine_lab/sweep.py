@@ -903,22 +903,23 @@ def run_sweep_cli(spec_path: str | os.PathLike, output_dir: str | os.PathLike | 
     return 0 if report.ok else 1
 
 
-#: Cost model of --dry-run (2 CPU cores, fp32, teacher and image caches on), per preset: seconds per 1,000
-#: training pairs (tiny-vit-48: ~4.2 s of CPU time per 256-pair step, i.e. ~2.2 s on 2 cores), seconds
-#: per evaluated image (~3.2 ms of CPU time), and a fixed overhead per run (loading, validation,
-#: checkpoints). Measured on a shared machine and divided by its 2 cores: rough, for planning only.
-SECONDS_PER_KPAIR = {"default": 8.5, "micro": 1.0}
-EVAL_SECONDS_PER_IMAGE = {"default": 2.0e-3, "micro": 0.5e-3}
-RUN_OVERHEAD_SECONDS = {"default": 8.0, "micro": 3.0}
+#: Cost model of --dry-run (2 CPU cores, fp32, teacher and image caches on, SDPA attention), per preset:
+#: seconds per 1,000 training pairs, seconds per evaluated image of the refined model (the starting
+#: model's features come from the cache) and a fixed overhead per run and per evaluation (loading,
+#: validation, checkpoints). Fitted to the full paper grid of 2026-11-23 (sweep.jsonl: main runs 23 s
+#: for 38 steps of 256 pairs, full-suite evaluations 14 s, sweep-suite evaluations 8.5 s); rough.
+SECONDS_PER_KPAIR = {"default": 2.0, "micro": 1.0}
+EVAL_SECONDS_PER_IMAGE = {"default": 0.45e-3, "micro": 0.5e-3}
+RUN_OVERHEAD_SECONDS = {"default": 5.0, "micro": 3.0}
 
 
 def format_plan(df, preset: str) -> str:
     """Runs and estimated cost per block (minutes on 2 CPU cores, rough)."""
     if df.empty:
         return "(no runs)"
-    rate = SECONDS_PER_KPAIR.get(preset, 8.5)
-    per_image = EVAL_SECONDS_PER_IMAGE.get(preset, 1.6e-3)
-    overhead = RUN_OVERHEAD_SECONDS.get(preset, 8.0)
+    rate = SECONDS_PER_KPAIR.get(preset, 2.0)
+    per_image = EVAL_SECONDS_PER_IMAGE.get(preset, 0.45e-3)
+    overhead = RUN_OVERHEAD_SECONDS.get(preset, 5.0)
     lines = [f"{'block':<12}{'table':<10}{'runs':>6}{'shared':>8}{'done':>6}{'steps/run':>12}{'est. min':>10}"]
     total = 0.0
     for block, g in df.groupby("block", sort=False):
@@ -936,7 +937,7 @@ def format_plan(df, preset: str) -> str:
     lines.append(f"{'total':<12}{'':<10}{len(df):>6}{int(df.shared_with.notna().sum()):>8}{int(df.finished.sum()):>6}"
                  f"{'':>12}{total:>10.1f}")
     lines.append("estimate for 2 CPU cores; not included: building the world, pre-training base models that are not "
-                 "cached (~10 min each), and the first run on each data set (image and teacher caches)")
+                 "cached (~7 to 14 min each on 2 cores), and the first run on each data set (image and teacher caches)")
     return "\n".join(lines)
 
 
