@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="model GFLOP per pair and step (bench_refine.py prints GFLOP/step; divide by the batch)")
     p.add_argument("--cache", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     setup_environment(args.cache, args.threads)
 
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         columns.append(("mfu", f"MFU (peak {args.peak_tflops:g})"))
     print()
     print(format_table(rows, columns))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine_info(args.device), "rows": rows}, indent=2))
     return rows
 
 

@@ -36,6 +36,9 @@ SCRIPTS = {  # script -> its smallest settings (each also gets --json)
     "bench_refine.py": ["--quick", "--steps", "1", "--batch-size", "8", "--threads", "1", "--peak-tflops", "1"],
     "bench_vs_peers.py": ["--quick", "--threads", "1", "--workers", "0", "--contenders", CONTENDERS],
     "bench_encode.py": ["--quick", "--threads", "1"],
+    "bench_loop.py": ["--steps", "3", "--skip", "1", "--threads", "1"],  # the micro preset (conftest)
+    "pretrain_recipes.py": ["--world", "micro", "--threads", "1", "micro-vit-32:1:64:2e-3",
+                            "micro-vit-32:1:64:2e-3:logit_scale_init=50"],
 }
 
 
@@ -108,3 +111,18 @@ def test_open_clip_train_sees_our_tiny_architectures():
 
     register_tiny_architectures()
     assert "tiny-vit-48" in open_clip.list_models()
+
+
+def test_bench_loop_runs_the_trainer_with_and_without_caches(runs):
+    stdout, result = _result(runs, "bench_loop.py")
+    assert [r["variant"] for r in result["rows"]] == ["caches", "no-caches"]
+    for row in result["rows"]:
+        assert row["model"] == "micro-vit-32" and row["steps"] == 3 and row["pairs_per_s"] > 0
+    assert "| caches" in stdout
+
+
+def test_pretrain_recipes_reports_each_recipe(runs):
+    stdout, summaries = _result(runs, "pretrain_recipes.py")
+    assert len(summaries) == 2 and [s["recipe"]["logit_scale_init"] for s in summaries] == [None, 50.0]
+    assert all(s["arch"] == "micro-vit-32" and "shape" in s["zero_shot"] for s in summaries)
+    assert "micro-vit-32:1:64:2e-3:logit_scale_init=50" in stdout and "mean top-1" in stdout
