@@ -32,7 +32,10 @@ Derived data sets (Table 5 analogue) are written into ``<sweep dir>/data/`` on f
 value may be a mapping ``{split: synthetic-web, size: 5000}`` (the first ``size`` pairs: the world's
 pairs are drawn independently, so a prefix is a random sample, and the sizes nest) and/or
 ``keep_fraction: 0.3`` (the pairs with the highest CLIP score under the run's starting model,
-:func:`~clip_refine_lab.filtering.clip_score_filter`).
+:func:`~clip_refine_lab.filtering.clip_score_filter`) and/or ``where: {colour: [red, green]}`` (only the
+scenes whose every object has one of the listed values of a scene attribute, read from the records'
+scene metadata: ``shape``, ``colour``, ``size`` per object, ``background`` per scene; a narrower
+post-pre-training set, as COCO is narrower than the paper's zero-shot sets).
 
 :func:`aggregate` reads every evaluated run of a sweep directory and returns the paper-layout tables
 as "mean ± std" frames (sample std, ddof = 1, over the seeds; a single value is shown without ±),
@@ -69,7 +72,8 @@ BLOCK_KEYS = ("table", "description", "base", "seeds", "grid", "runs", "suite", 
 ENTRY_KEYS = ("label", "name")  # keys of a run entry that are not RunConfig fields
 MANAGED_FIELDS = {"seed": "use 'seeds:'", "output_dir": "the sweep sets it (<sweep dir>/runs/<block>)",
                   "run_name": "the sweep names runs from their varied values", "preset": "use the spec's 'preset:'"}
-DATA_REF_KEYS = ("split", "size", "keep_fraction", "name")
+DATA_REF_KEYS = ("split", "size", "keep_fraction", "where", "name")
+WHERE_KEYS = ("shape", "colour", "size", "background")  # scene attributes a 'where' filter may restrict
 #: The paper's row order of Table 1-3.
 METHOD_ORDER = (PRETRAINED, "contrastive", "m2-mix", "self-kd", "hycd", "hycd+l2", "clip-refine")
 #: Short names of varied fields in run names (others use the field name).
@@ -100,12 +104,15 @@ class DataRef:
     size: int | None = None
     keep_fraction: float | None = None
     name: str | None = None
+    where: tuple[tuple[str, tuple[str, ...]], ...] = ()  # ((attribute, allowed values), ...)
 
     @property
     def slug(self) -> str:
         if self.name:
             return _safe(self.name)
         parts = [_safe(Path(self.split).stem if self.split.endswith((".yaml", ".yml")) else self.split)]
+        for key, values in self.where:
+            parts.append(_safe(f"{key}-{'+'.join(values)}"))
         if self.size is not None:
             parts.append(f"n{self.size}")
         if self.keep_fraction is not None:
@@ -115,6 +122,8 @@ class DataRef:
     @property
     def label(self) -> str:
         text = Path(self.split).stem if self.split.endswith((".yaml", ".yml")) else self.split
+        for key, values in self.where:
+            text += f", {key} in {{{', '.join(values)}}}"
         if self.size is not None:
             text += f", first {self.size:,} pairs"
         if self.keep_fraction is not None:
@@ -210,9 +219,34 @@ def _data_ref(where: str, value: Any) -> DataRef | str:
         raise SweepError(f"{where}: field 'data': 'size' must be a positive integer, got {size!r}")
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1):
         raise SweepError(f"{where}: field 'data': 'keep_fraction' must be in (0, 1], got {keep!r}")
-    if size is None and keep is None:
-        raise SweepError(f"{where}: field 'data': give 'size' and/or 'keep_fraction' (or use the split name as a string)")
-    return DataRef(split, size, None if keep is None else float(keep), value.get("name"))
+    filters = value.get("where") or {}
+    if not isinstance(filters, dict):
+        raise SweepError(f"{where}: field 'data': 'where' must be a mapping such as {{colour: [red, green]}}, got {filters!r}")
+    for key, allowed in filters.items():
+        if key not in WHERE_KEYS:
+            raise SweepError(f"{where}: field 'data': 'where' key '{key}'{_hint(str(key), WHERE_KEYS)} is not a scene "
+                             f"attribute; known: {', '.join(WHERE_KEYS)}")
+        if not isinstance(allowed, list) or not allowed or not all(isinstance(v, str) for v in allowed):
+            raise SweepError(f"{where}: field 'data': 'where.{key}' must be a non-empty list of names, got {allowed!r}")
+    if size is None and keep is None and not filters:
+        raise SweepError(f"{where}: field 'data': give 'size', 'keep_fraction' and/or 'where' (or use the split name "
+                         "as a string)")
+    return DataRef(split, size, None if keep is None else float(keep), value.get("name"),
+                   tuple((k, tuple(v)) for k, v in filters.items()))
+
+
+def scene_matches(meta: Mapping, where: Sequence[tuple[str, Sequence[str]]]) -> bool:
+    """Whether a record's scene metadata passes a ``where`` filter: every object's attribute (shape, colour,
+    size) and the scene's background among the allowed values. ``meta`` is a record's extra fields (the
+    world's records keep their scene under ``meta``) or the scene itself."""
+    meta = meta.get("meta", meta) if isinstance(meta.get("meta"), Mapping) else meta
+    for key, allowed in where:
+        if key == "background":
+            if meta.get("background") not in allowed:
+                return False
+        elif not meta.get("objects") or any(o.get(key) not in allowed for o in meta["objects"]):
+            return False
+    return True
 
 
 def _check_values(where: str, values: Mapping) -> dict:
@@ -526,12 +560,22 @@ def _split_size(preset: str, split: str) -> int | None:
             "synthetic-retrieval": wc.retrieval_size}.get(split)
 
 
+def _manifest_size(path: Path | None) -> int | None:
+    if path is None or not Path(path).is_file():
+        return None
+    from .data import load_manifest
+
+    return len(load_manifest(path).records())
+
+
 def planned_steps(run: PlannedRun) -> int | None:
     """Optimiser steps of a run, from the data size, batch, epochs and max_steps (None if unknown)."""
     cfg = run.config
     preset = PRESETS[preset_name(cfg.preset)]
     if run.data_ref is not None:
         n = run.data_ref.size or _split_size(preset.name, run.data_ref.split)
+        if run.data_ref.where and run.data_ref.size is None:  # known once the filtered set is written
+            n = _manifest_size(run.data_path)
         if n is not None and run.data_ref.keep_fraction is not None:
             n = int(math.floor(run.data_ref.keep_fraction * n + 0.5))
     else:
@@ -677,17 +721,26 @@ def prepare_data(run: PlannedRun, *, progress: bool = False) -> Path | None:
             source = world.manifest(ref.split)
         except KeyError as e:
             raise SweepError(f"block '{run.block}': data split '{ref.split}' is not in the embedded world ({e})") from None
-    if ref.size is not None:
+    if ref.size is not None or ref.where:
         manifest = load_manifest(source)
         records = manifest.records()
-        if ref.size > len(records):
-            raise SweepError(f"block '{run.block}': data size {ref.size} is larger than {source} ({len(records)} pairs)")
-        target = path if ref.keep_fraction is None else path.with_name(f"{DataRef(ref.split, ref.size).slug}.yaml")
+        if ref.where:
+            records = [r for r in records if scene_matches(r.meta, ref.where)]
+            if not records:
+                raise SweepError(f"block '{run.block}': no pair of {source} passes the filter {dict(ref.where)}")
+        if ref.size is not None and ref.size > len(records):
+            raise SweepError(f"block '{run.block}': data size {ref.size} is larger than {source} ({len(records)} pairs"
+                             f"{' after the where filter' if ref.where else ''})")
+        subset = DataRef(ref.split, ref.size, where=ref.where)
+        target = path if ref.keep_fraction is None else path.with_name(f"{subset.slug}.yaml")
         if not target.is_file():
-            write_manifest(target, name=f"{manifest.name}-n{ref.size}", kind="captions", root=".",
+            what = f"the first {ref.size} pairs" if ref.size is not None else "the pairs"
+            suffix = subset.slug[len(DataRef(ref.split).slug) + 1:]  # e.g. "n5000", "colour-red+green"
+            write_manifest(target, name=f"{manifest.name}-{suffix}", kind="captions", root=".",
                            records=[{"id": r.id, "image": r.image, "captions": list(r.captions), **r.meta}
                                     for r in records[:ref.size]],
-                           source=f"the first {ref.size} pairs of {source}", subset_of=str(source))
+                           source=f"{what} of {source}" + (f" whose scenes pass {dict(ref.where)}" if ref.where else ""),
+                           subset_of=str(source))
         source = target
     if ref.keep_fraction is not None:
         from .filtering import clip_score_filter

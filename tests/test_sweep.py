@@ -58,6 +58,27 @@ def test_data_refs_and_labels(tmp_path):
     assert sw.planned_steps(runs[1]) == (300 - 3) // 32  # micro: batch 32, 1 epoch, 1% held out
 
 
+def test_where_filter_writes_a_narrower_training_set(tmp_path, micro_world):
+    from clip_refine_lab.data import load_manifest
+
+    spec = spec_of({"narrow": {"table": "data", "seeds": [0], "runs": [
+        {"data": {"split": "synthetic-coco", "where": {"colour": ["red", "green", "blue", "yellow"]}}},
+        {"data": {"split": "synthetic-coco", "size": 10, "where": {"background": ["plain"]}}}]}})
+    runs = sw.expand(spec, tmp_path)
+    assert [r.name for r in runs] == ["synthetic-coco-colour-red+green+blue+yellow",
+                                      "synthetic-coco-background-plain-n10"]
+    assert runs[0].label == "synthetic-coco, colour in {red, green, blue, yellow}"
+    assert sw.planned_steps(runs[0]) is None  # unknown until the filtered set is written
+    kept = load_manifest(sw.prepare_data(runs[0])).records()
+    full = load_manifest(micro_world.manifest("synthetic-coco")).records()
+    expected = [r.id for r in full
+                if all(o["colour"] in ("red", "green", "blue", "yellow") for o in r.meta["meta"]["objects"])]
+    assert 0 < len(kept) < len(full) and [r.id for r in kept] == expected
+    assert sw.planned_steps(runs[0]) == (len(kept) - round(0.01 * len(kept))) // 32
+    plain = load_manifest(sw.prepare_data(runs[1])).records()
+    assert len(plain) == 10 and all(r.meta["meta"]["background"] == "plain" for r in plain)
+
+
 @pytest.mark.parametrize("blocks, top, words", [
     ({"a": {"table": "alpha", "grid": {"alpah": [0.1]}}}, {}, ["block 'a'", "grid", "alpah", "did you mean 'alpha'"]),
     ({"a": {"table": "alpha", "grid": {"alpha": 0.1}}}, {}, ["block 'a'", "'alpha'", "non-empty list"]),
@@ -70,6 +91,10 @@ def test_data_refs_and_labels(tmp_path):
      ["runs[0]", "'method' is set by both"]),
     ({"a": {"table": "main", "runs": [{"method": "hycd"}, {"method": "hycd"}]}}, {}, ["same name 'hycd'"]),
     ({"a": {"table": "data", "runs": [{"data": {"split": "synthetic-web", "sise": 5}}]}}, {}, ["'data'", "sise"]),
+    ({"a": {"table": "data", "runs": [{"data": {"split": "synthetic-web", "where": {"colour": "red"}}}]}}, {},
+     ["'where.colour'", "non-empty list"]),
+    ({"a": {"table": "data", "runs": [{"data": {"split": "synthetic-web", "where": {"colur": ["red"]}}}]}}, {},
+     ["'where' key 'colur'", "did you mean 'colour'"]),
     ({"a": {"table": "main"}}, {"base": {"lr": -1.0}}, ["lr must be > 0"]),
     ({"a": {"table": "main"}}, {"base": {"bogus": 1}}, ["base", "unknown RunConfig field 'bogus'"]),
     ({"a": {"table": "main"}}, {"seeds": []}, ["'seeds'"]),
