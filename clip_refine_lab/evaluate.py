@@ -220,21 +220,30 @@ def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None 
     return result
 
 
+def suite_leakage(train, suite: Suite, data_root: str | None = None):
+    """Image-id overlap between a training manifest and every evaluation set of ``suite`` (no hashing), or
+    None for a streamed (WebDataset) training manifest: listing web-scale shards means reading all of them,
+    so those are checked offline with ``clip-refine-lab data leakage``. Used by evaluation and the trainer."""
+    from .data_formats import is_streaming
+    from .datacheck import leakage_report
+
+    if is_streaming(train):
+        return None
+    evals = sorted({str(p) for p in [*suite.zero_shot, *suite.retrieval, *suite.geometry]})
+    return leakage_report(train, evals, data_root=data_root, hash_images=False)
+
+
 def _leakage(cfg: RunConfig, suite: Suite, data_root: str | None) -> dict:
     """Image overlap between the training pairs and every evaluation set (REFERENCE.md: COCO pitfall)."""
-    from .datacheck import leakage_report
+    from .data import load_manifest
     from .train import resolve_data
 
-    from .data import load_manifest
-    from .data_formats import is_streaming
-
     train = load_manifest(resolve_data(cfg), data_root=data_root or cfg.data_root)
-    if is_streaming(train):  # listing the ids of web-scale shards means reading every shard: not at eval time
+    report = suite_leakage(train, suite, data_root or cfg.data_root)
+    if report is None:
         text = (f"leakage check skipped: {train.path} is streamed from WebDataset shards; run "
                 f"'clip-refine-lab data leakage {train.path} <eval manifests>' once to check it")
         return {"text": text, "overlap": None}
-    evals = sorted({str(p) for p in [*suite.zero_shot, *suite.retrieval, *suite.geometry]})
-    report = leakage_report(train, evals, data_root=data_root or cfg.data_root, hash_images=False)
     return {"text": report.format(), "overlap": report.to_dict()}
 
 

@@ -751,8 +751,7 @@ class Refiner:
         with ``clip-refine-lab data leakage``. A suite whose data is missing is logged, not fatal.
         """
         from .data import ManifestError
-        from .datacheck import leakage_report
-        from .evaluate import load_suite
+        from .evaluate import load_suite, suite_leakage
 
         record: dict = {"kind": "leakage", "step": 0, "suite": str(self.cfg.leakage_suite)}
         if self.streaming:
@@ -762,8 +761,7 @@ class Refiner:
         else:
             try:
                 suite = load_suite(self.cfg.leakage_suite, self.cfg.preset)
-                evals = sorted({str(p) for p in [*suite.zero_shot, *suite.retrieval, *suite.geometry]})
-                report = leakage_report(self.manifest, evals, data_root=self.cfg.data_root, hash_images=False)
+                report = suite_leakage(self.manifest, suite, self.cfg.data_root)
             except (ManifestError, OSError, ValueError) as e:
                 record["error"] = f"{type(e).__name__}: {e}"
                 print(f"leakage check failed ({record['error']}); training goes on")
