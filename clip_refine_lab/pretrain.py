@@ -36,7 +36,7 @@ class PretrainRecipe:
 
 
 RECIPES = {
-    "default": PretrainRecipe(epochs=6, batch_size=256, lr=1e-3, warmup_steps=100),
+    "default": PretrainRecipe(epochs=6, batch_size=256, lr=3e-4, warmup_steps=100),
     "micro": PretrainRecipe(epochs=6, batch_size=64, lr=2e-3, warmup_steps=10),
 }
 

@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw
 from .data import write_manifest
 from .utils import atomic_write_json, cache_dir, stable_hash
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 MAX_CAPTION_WORDS = 20
 SUPERSAMPLE = 4  # objects are drawn at 4x and box-filtered down (anti-aliasing)
 
@@ -534,6 +534,15 @@ def _full_caption(scene: dict, rng: np.random.Generator, p_size: float, p_pos: f
 
 
 def _partial_caption(scene: dict, rng: np.random.Generator) -> str:
+    """A short caption naming two attributes of one object (or a shape relation, or two of the objects).
+
+    Two attributes, not one (WORLD_VERSION 2): in a batch of 256 a one-attribute caption ("a star",
+    "blue", "something in the centre") is true of about 50 other images, and as their negative it
+    pushes every one of them away from what it says. Two attributes leave a handful of such false
+    negatives, as terse web alt-text does in a web-scale batch, and each attribute still narrows the
+    match. (Measured: no difference to the base model's zero-shot accuracy on its own; README, "The
+    embedded world and base model".)
+    """
     objs = scene["objects"]
     n = len(objs)
     o = objs[int(rng.integers(n))]
@@ -542,24 +551,20 @@ def _partial_caption(scene: dict, rng: np.random.Generator) -> str:
     size_word = lambda ob: _pick(rng, SIZE_WORDS[ob["size"]])  # noqa: E731
     generic = lambda: _pick(rng, ("object", "shape", "thing", "item"), 0.4)  # noqa: E731
     forms: list[Callable[[], str]] = [
-        lambda: _article(shape_word(o)),                                    # "a star"
-        lambda: colour_word(o),                                             # "blue"
-        lambda: f"{_article(colour_word(o))} {generic()}",                  # "a red thing"
-        lambda: f"{_article(size_word(o))} {shape_word(o)}",                # "a big star"
-        lambda: f"{_article(size_word(o))} {generic()}",                    # "a small object"
-        lambda: _total_phrase(rng, n),                                      # "three shapes"
-        lambda: f"something {_background_phrase(rng, scene)}",             # "something on a dotted background"
-        lambda: _article(_pick(rng, BACKGROUND_WORDS[scene["background"]])),  # "a striped background"
-        lambda: f"{_article(shape_word(o))} {_position_phrase(rng, o)}",    # "a star in the top left"
-        lambda: f"something {_position_phrase(rng, o)}",                    # "something in the centre"
+        lambda: f"{_article(colour_word(o))} {shape_word(o)}",                            # "a red star"
+        lambda: f"{_article(size_word(o))} {shape_word(o)}",                              # "a big star"
+        lambda: f"{_article(shape_word(o))} {_position_phrase(rng, o)}",                  # "a star in the top left"
+        lambda: f"{_article(colour_word(o))} {generic()} {_position_phrase(rng, o)}",     # "a red thing in the centre"
+        lambda: f"{_article(shape_word(o))} {_background_phrase(rng, scene)}",            # "a star on a dotted background"
+        lambda: f"{_article(colour_word(o))} {generic()} {_background_phrase(rng, scene)}",  # "a red thing on a ..."
+        lambda: f"{_total_phrase(rng, n)} {_background_phrase(rng, scene)}",              # "three shapes on a ..."
     ]
     if n > 1:
-        forms.append(lambda: f"{_article(colour_word(o))} {shape_word(o)}")  # one object of several
         a, b = (objs[int(i)] for i in rng.permutation(n)[:2])
-        if a["colour"] != b["colour"]:
-            forms.append(lambda: f"{colour_word(a)} and {colour_word(b)}")   # "red and blue"
         forms.append(lambda: f"{_article(shape_word(a))} {_pick(rng, RELATION_WORDS[_choice(rng, _valid_relations(a, b))])} "
-                             f"{_article(shape_word(b))}")                    # "a star above a ring"
+                             f"{_article(shape_word(b))}")                                # "a star above a ring"
+        forms.append(lambda: f"{_article(colour_word(a))} {shape_word(a)} and "
+                             f"{_article(colour_word(b))} {shape_word(b)}")               # "a red star and a blue ring"
     text = forms[int(rng.integers(len(forms)))]()
     return _finish(rng, text, allow_prefix=text.startswith(("a ", "an ")))
 

@@ -315,6 +315,19 @@ def test_describe_true_on_many_scenes():
         assert len(full.split()) <= W.MAX_CAPTION_WORDS and len(part.split()) <= W.MAX_CAPTION_WORDS
 
 
+def test_partial_captions_name_two_attributes():
+    """WORLD_VERSION 2: a partial caption is never a single attribute ("a star", "blue"), which in a
+    batch would be true of dozens of other images (false negatives that stop shape/position learning)."""
+    cfg = W.WorldConfig()
+    rng = np.random.default_rng(7)
+    for _ in range(800):
+        scene = W.generate_scene(rng, cfg)
+        cap = W.describe(scene, rng, "partial")
+        cats = [c for c, _ in tokenize(cap)]
+        attrs = [c for c in cats if c in ("shape", "colour", "size", "pos", "bg", "count", "rel")]
+        assert len(attrs) >= 2, (cap, scene)
+
+
 def _check_label(task: str, classname: str, scene: dict) -> None:
     objs = scene["objects"]
     cells = [tuple(o["cell"]) for o in objs]
@@ -459,3 +472,4 @@ def test_world_json_and_presets(built):
     assert W.WorldConfig.preset("default") == W.WorldConfig()
     with pytest.raises(KeyError):
         W.WorldConfig.preset("huge")
+
