@@ -844,7 +844,10 @@ def _spec_for_saving(spec: SweepSpec) -> dict:
 
     def plain(v):
         if isinstance(v, DataRef):
-            return {k: x for k, x in dataclasses.asdict(v).items() if x is not None}
+            ref = {k: x for k, x in dataclasses.asdict(v).items() if x is not None and k != "where"}
+            if v.where:  # back to the spec's own form, {colour: [red, green]}, so the saved spec parses again
+                ref["where"] = {key: list(values) for key, values in v.where}
+            return ref
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         if isinstance(v, list):

@@ -79,6 +79,16 @@ def test_where_filter_writes_a_narrower_training_set(tmp_path, micro_world):
     assert len(plain) == 10 and all(r.meta["meta"]["background"] == "plain" for r in plain)
 
 
+def test_saved_spec_with_where_filter_parses_again(tmp_path):
+    """The sweep folder's spec.yaml (read back by notebook 08 and the tables) keeps 'where' a mapping."""
+    spec = spec_of({"narrow": {"table": "data", "seeds": [0], "base": {
+        "data": {"split": "synthetic-coco", "where": {"colour": ["red", "green"], "background": ["plain"]}}}}})
+    saved = yaml.safe_load(yaml.safe_dump(sw._spec_for_saving(spec), sort_keys=False))
+    assert saved["blocks"]["narrow"]["base"]["data"]["where"] == {"colour": ["red", "green"], "background": ["plain"]}
+    again = sw.parse_spec(saved)
+    assert [r.name for r in sw.expand(again, tmp_path)] == [r.name for r in sw.expand(spec, tmp_path)]
+
+
 @pytest.mark.parametrize("blocks, top, words", [
     ({"a": {"table": "alpha", "grid": {"alpah": [0.1]}}}, {}, ["block 'a'", "grid", "alpah", "did you mean 'alpha'"]),
     ({"a": {"table": "alpha", "grid": {"alpha": 0.1}}}, {}, ["block 'a'", "'alpha'", "non-empty list"]),
