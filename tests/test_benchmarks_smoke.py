@@ -39,6 +39,7 @@ SCRIPTS = {  # script -> its smallest settings (each also gets --json)
     "bench_loop.py": ["--steps", "3", "--skip", "1", "--threads", "1"],  # the micro preset (conftest)
     "pretrain_recipes.py": ["--world", "micro", "--threads", "1", "micro-vit-32:1:64:2e-3",
                             "micro-vit-32:1:64:2e-3:logit_scale_init=50"],
+    "base_diagnostics.py": ["--world", "micro", "--threads", "1", "--supervised-steps", "3"],
 }
 
 
@@ -126,3 +127,16 @@ def test_pretrain_recipes_reports_each_recipe(runs):
     assert len(summaries) == 2 and [s["recipe"]["logit_scale_init"] for s in summaries] == [None, 50.0]
     assert all(s["arch"] == "micro-vit-32" and "shape" in s["zero_shot"] for s in summaries)
     assert "micro-vit-32:1:64:2e-3:logit_scale_init=50" in stdout and "mean top-1" in stdout
+
+
+def test_base_diagnostics_reports_probes_text_and_learnability(runs):
+    stdout, result = _result(runs, "base_diagnostics.py")
+    assert result["arch"] == "micro-vit-32"
+    assert [p["task"] for p in result["probes"]] == ["shape", "position", "size", "count", "relation"]
+    assert all(0 <= p["probe_top1"] <= 100 and p["chance"] > 0 for p in result["probes"])
+    assert [t["group"] for t in result["text"]] == ["positions", "shapes", "colours"]
+    assert all(-1 - 1e-6 <= t["min_cosine"] <= t["mean_cosine"] <= 1 + 1e-6 for t in result["text"])
+    sup = result["supervised"]
+    assert sup["steps"] == 3 and sup["train_images"] > 0
+    assert 0 <= sup["shape_top1"] <= 100 and 0 <= sup["position_top1"] <= 100
+    assert "linear probe" in stdout and "supervised learnability" in stdout
