@@ -573,8 +573,9 @@ def describe(scene: dict, rng: np.random.Generator, detail: str = "full") -> str
     """One caption of ``scene`` (at most :data:`MAX_CAPTION_WORDS` words, lower case).
 
     ``full`` names every object's colour and shape and often its size, position or a relation, the
-    number of objects and the background; ``partial`` mentions only some objects or attributes
-    ("a star", "red and blue", "three shapes"). Every caption is true of the scene.
+    number of objects and the background; ``partial`` mentions two attributes of one object, a shape
+    relation or two of the objects ("a red star", "a star in the top left", "three shapes on a striped
+    background", "a star above a ring"). Every caption is true of the scene.
     """
     if detail == "partial":
         return _partial_caption(scene, rng)
