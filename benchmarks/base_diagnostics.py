@@ -71,34 +71,37 @@ def text_similarity(loaded, device: str) -> list[dict]:
     return rows
 
 
-def supervised_learnability(arch: str, world, steps: int, batch_size: int, lr: float, device: str, seed: int = 0) -> dict:
-    """Train ``arch``'s image tower from scratch on shape + cell labels of single-object web scenes."""
+def supervised_learnability(arch: str, world, steps: int, recipe, device: str) -> dict:
+    """Train ``arch``'s image tower from scratch on shape + cell labels of single-object web scenes, with the
+    optimiser, lr schedule, batch and seed of the base-model ``recipe`` (a PretrainRecipe)."""
     import torch
 
     from clip_refine_lab.data import load_manifest
     from clip_refine_lab.features import decode_images, normalize_uint8
     from clip_refine_lab.models import load_model
+    from clip_refine_lab.pretrain import _image_size
     from clip_refine_lab.world import CELLS, SHAPES
 
-    torch.manual_seed(seed)
+    torch.manual_seed(recipe.seed)
     records = [r for r in load_manifest(world.manifest("synthetic-web")).records()
                if len(r.meta["meta"]["objects"]) == 1]
     fresh = load_model(arch, None, device=device)
     tower = fresh.model.visual
-    size = fresh.spec.preprocess.get("size", 224)
-    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    size = _image_size(fresh)
     mean, std = fresh.spec.preprocess["mean"], fresh.spec.preprocess["std"]
     images = decode_images(records, size, progress=False)
     shape_y = torch.tensor([SHAPES.index(r.meta["meta"]["objects"][0]["shape"]) for r in records])
     cell_y = torch.tensor([CELLS.index(tuple(r.meta["meta"]["objects"][0]["cell"])) for r in records])
     head = torch.nn.Linear(fresh.embed_dim, len(SHAPES) + len(CELLS)).to(device)
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.1)
-    gen = torch.Generator().manual_seed(seed)
+    lr = recipe.lr
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr,
+                            betas=(0.9, 0.98), eps=1e-6, weight_decay=recipe.weight_decay)
+    gen = torch.Generator().manual_seed(recipe.seed)
     tower.train()
     for step in range(steps):
-        idx = torch.randint(len(records), (min(batch_size, len(records)),), generator=gen)
-        for g in opt.param_groups:  # the base recipe's schedule: warm-up then cosine
-            g["lr"] = lr * min(1.0, (step + 1) / max(1, steps // 7)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(len(records), (min(recipe.batch_size, len(records)),), generator=gen)
+        for g in opt.param_groups:  # pretrain_base's schedule: linear warm-up, then cosine
+            g["lr"] = lr * min(1.0, (step + 1) / recipe.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / steps))
         out = head(tower(normalize_uint8(images[idx], mean, std).to(device)))
         loss = (torch.nn.functional.cross_entropy(out[:, :len(SHAPES)], shape_y[idx].to(device))
                 + torch.nn.functional.cross_entropy(out[:, len(SHAPES):], cell_y[idx].to(device)))
@@ -147,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(texts, [("group", "prompts"), ("mean_cosine", "mean cosine"), ("min_cosine", "min cosine")]))
     result = {"arch": arch, "world": args.world, "probes": probes, "text": texts}
     if args.supervised_steps:
-        recipe = RECIPES[preset.name]
-        sup = supervised_learnability(arch, world, args.supervised_steps, recipe.batch_size, recipe.lr, args.device)
+        sup = supervised_learnability(arch, world, args.supervised_steps, RECIPES[preset.name], args.device)
         print(f"\nsupervised learnability of {arch}'s image tower ({sup['steps']} steps, {sup['train_images']} "
               f"single-object web images): shape {sup['shape_top1']:.1f} %, position {sup['position_top1']:.1f} %")
         result["supervised"] = sup

@@ -239,12 +239,12 @@ def scene_matches(meta: Mapping, where: Sequence[tuple[str, Sequence[str]]]) -> 
     """Whether a record's scene metadata passes a ``where`` filter: every object's attribute (shape, colour,
     size) and the scene's background among the allowed values. ``meta`` is a record's extra fields (the
     world's records keep their scene under ``meta``) or the scene itself."""
-    meta = meta.get("meta", meta) if isinstance(meta.get("meta"), Mapping) else meta
+    scene = meta["meta"] if isinstance(meta.get("meta"), Mapping) else meta
     for key, allowed in where:
         if key == "background":
-            if meta.get("background") not in allowed:
+            if scene.get("background") not in allowed:
                 return False
-        elif not meta.get("objects") or any(o.get(key) not in allowed for o in meta["objects"]):
+        elif not scene.get("objects") or any(o.get(key) not in allowed for o in scene["objects"]):
             return False
     return True
 
@@ -973,9 +973,9 @@ def format_plan(df, preset: str) -> str:
     """Runs and estimated cost per block (minutes on 2 CPU cores, rough)."""
     if df.empty:
         return "(no runs)"
-    rate = SECONDS_PER_KPAIR.get(preset, 2.0)
-    per_image = EVAL_SECONDS_PER_IMAGE.get(preset, 0.45e-3)
-    overhead = RUN_OVERHEAD_SECONDS.get(preset, 5.0)
+    rate = SECONDS_PER_KPAIR.get(preset, SECONDS_PER_KPAIR["default"])
+    per_image = EVAL_SECONDS_PER_IMAGE.get(preset, EVAL_SECONDS_PER_IMAGE["default"])
+    overhead = RUN_OVERHEAD_SECONDS.get(preset, RUN_OVERHEAD_SECONDS["default"])
     lines = [f"{'block':<12}{'table':<10}{'runs':>6}{'shared':>8}{'done':>6}{'steps/run':>12}{'est. min':>10}"]
     total = 0.0
     for block, g in df.groupby("block", sort=False):

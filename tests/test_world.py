@@ -317,7 +317,7 @@ def test_describe_true_on_many_scenes():
 
 def test_partial_captions_name_two_attributes():
     """WORLD_VERSION 2: a partial caption is never a single attribute ("a star", "blue"), which in a
-    batch would be true of dozens of other images (false negatives that stop shape/position learning)."""
+    batch would be true of dozens of other images (false negatives for every one of them)."""
     cfg = W.WorldConfig()
     rng = np.random.default_rng(7)
     for _ in range(800):
@@ -472,4 +472,3 @@ def test_world_json_and_presets(built):
     assert W.WorldConfig.preset("default") == W.WorldConfig()
     with pytest.raises(KeyError):
         W.WorldConfig.preset("huge")
-
