@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import PRESETS, preset_name
 from .utils import atomic_write_json, cache_dir, seed_everything, stable_hash
 
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2  # 2: tiny ViTs with fixed 2-D sin-cos position embeddings
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,9 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     tokens = loaded.tokenizer([r.captions[0] for r in records])
     mean, std = loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"]
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not the fixed sin-cos table
+    decay = [p for n, p in trainable if p.ndim >= 2 and "logit_scale" not in n]
+    no_decay = [p for n, p in trainable if p.ndim < 2 or "logit_scale" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6,
