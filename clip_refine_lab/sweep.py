@@ -34,7 +34,8 @@ pairs are drawn independently, so a prefix is a random sample, and the sizes nes
 ``keep_fraction: 0.3`` (the pairs with the highest CLIP score under the run's starting model,
 :func:`~clip_refine_lab.filtering.clip_score_filter`) and/or ``where: {colour: [red, green]}`` (only the
 scenes whose every object has one of the listed values of a scene attribute, read from the records'
-scene metadata: ``shape``, ``colour``, ``size`` per object, ``background`` per scene; a narrower
+scene metadata: ``shape``, ``colour``, ``size``, ``position`` (a grid cell's class name, "top left") per
+object, ``background`` per scene; names are checked against the world's vocabulary; a narrower
 post-pre-training set, as COCO is narrower than the paper's zero-shot sets).
 
 :func:`aggregate` reads every evaluated run of a sweep directory and returns the paper-layout tables
@@ -73,7 +74,15 @@ ENTRY_KEYS = ("label", "name")  # keys of a run entry that are not RunConfig fie
 MANAGED_FIELDS = {"seed": "use 'seeds:'", "output_dir": "the sweep sets it (<sweep dir>/runs/<block>)",
                   "run_name": "the sweep names runs from their varied values", "preset": "use the spec's 'preset:'"}
 DATA_REF_KEYS = ("split", "size", "keep_fraction", "where", "name")
-WHERE_KEYS = ("shape", "colour", "size", "background")  # scene attributes a 'where' filter may restrict
+WHERE_KEYS = ("shape", "colour", "size", "position", "background")  # scene attributes a 'where' filter may restrict
+
+
+def where_vocabulary() -> dict[str, tuple[str, ...]]:
+    """The names each ``where`` key accepts: the world's canonical class names (position: "top left", ...)."""
+    from .world import BACKGROUNDS, COLOUR_NAMES, POSITION_NAMES, SHAPES, SIZES
+
+    return {"shape": SHAPES, "colour": COLOUR_NAMES, "size": SIZES, "position": POSITION_NAMES,
+            "background": BACKGROUNDS}
 #: The paper's row order of Table 1-3.
 METHOD_ORDER = (PRETRAINED, "contrastive", "m2-mix", "self-kd", "hycd", "hycd+l2", "clip-refine")
 #: Short names of varied fields in run names (others use the field name).
@@ -228,6 +237,11 @@ def _data_ref(where: str, value: Any) -> DataRef | str:
                              f"attribute; known: {', '.join(WHERE_KEYS)}")
         if not isinstance(allowed, list) or not allowed or not all(isinstance(v, str) for v in allowed):
             raise SweepError(f"{where}: field 'data': 'where.{key}' must be a non-empty list of names, got {allowed!r}")
+        known = where_vocabulary()[key]
+        for v in allowed:
+            if v not in known:
+                raise SweepError(f"{where}: field 'data': 'where.{key}' value '{v}'{_hint(v, known)} is not a {key} of "
+                                 f"the world; known: {', '.join(known)}")
     if size is None and keep is None and not filters:
         raise SweepError(f"{where}: field 'data': give 'size', 'keep_fraction' and/or 'where' (or use the split name "
                          "as a string)")
@@ -237,16 +251,26 @@ def _data_ref(where: str, value: Any) -> DataRef | str:
 
 def scene_matches(meta: Mapping, where: Sequence[tuple[str, Sequence[str]]]) -> bool:
     """Whether a record's scene metadata passes a ``where`` filter: every object's attribute (shape, colour,
-    size) and the scene's background among the allowed values. ``meta`` is a record's extra fields (the
+    size, position: its grid cell's canonical name such as "top left") and the scene's background among the
+    allowed values. ``meta`` is a record's extra fields (the
     world's records keep their scene under ``meta``) or the scene itself."""
     scene = meta["meta"] if isinstance(meta.get("meta"), Mapping) else meta
     for key, allowed in where:
         if key == "background":
             if scene.get("background") not in allowed:
                 return False
-        elif not scene.get("objects") or any(o.get(key) not in allowed for o in scene["objects"]):
+        elif not scene.get("objects") or any(_object_attribute(o, key) not in allowed for o in scene["objects"]):
             return False
     return True
+
+
+def _object_attribute(obj: Mapping, key: str) -> Any:
+    if key == "position":
+        from .world import CELLS, POSITION_NAMES
+
+        cell = tuple(obj.get("cell") or ())
+        return POSITION_NAMES[CELLS.index(cell)] if cell in CELLS else None
+    return obj.get(key)
 
 
 def _check_values(where: str, values: Mapping) -> dict:
@@ -659,8 +683,9 @@ class SweepReport:
         lines = [f"sweep {self.sweep_dir}: ran {len(self.ran)} (resumed {len(self.resumed)}), "
                  f"skipped {len(self.skipped)} finished, evaluated {len(self.evaluated)}, failed {len(self.failed)} "
                  f"in {self.seconds / 60:.1f} min"]
+        w = max([12] + [len(b) for b in self.block_seconds])
         for b, s in self.block_seconds.items():
-            lines.append(f"  {b:<12} {s / 60:6.1f} min")
+            lines.append(f"  {b:<{w}} {s / 60:6.1f} min")
         for key, err in self.failed:
             lines.append(f"  FAILED {key}: {err}")
         if self.written:
@@ -976,7 +1001,8 @@ def format_plan(df, preset: str) -> str:
     rate = SECONDS_PER_KPAIR.get(preset, SECONDS_PER_KPAIR["default"])
     per_image = EVAL_SECONDS_PER_IMAGE.get(preset, EVAL_SECONDS_PER_IMAGE["default"])
     overhead = RUN_OVERHEAD_SECONDS.get(preset, RUN_OVERHEAD_SECONDS["default"])
-    lines = [f"{'block':<12}{'table':<10}{'runs':>6}{'shared':>8}{'done':>6}{'steps/run':>12}{'est. min':>10}"]
+    w = max(12, 2 + max(len(str(b)) for b in df.block))  # the block column fits the longest block name
+    lines = [f"{'block':<{w}}{'table':<10}{'runs':>6}{'shared':>8}{'done':>6}{'steps/run':>12}{'est. min':>10}"]
     total = 0.0
     for block, g in df.groupby("block", sort=False):
         own = g[g.shared_with.isna()]  # shared runs cost nothing here: their source run does the work
@@ -988,9 +1014,9 @@ def format_plan(df, preset: str) -> str:
         total += minutes
         steps = sorted({int(s) for s in g.steps.dropna()})
         steps_txt = f"{steps[0]}" if len(steps) == 1 else (f"{steps[0]}-{steps[-1]}" if steps else "?")
-        lines.append(f"{block:<12}{g.table.iloc[0]:<10}{len(g):>6}{int(g.shared_with.notna().sum()):>8}"
+        lines.append(f"{block:<{w}}{g.table.iloc[0]:<10}{len(g):>6}{int(g.shared_with.notna().sum()):>8}"
                      f"{int(g.finished.sum()):>6}{steps_txt:>12}{minutes:>10.1f}")
-    lines.append(f"{'total':<12}{'':<10}{len(df):>6}{int(df.shared_with.notna().sum()):>8}{int(df.finished.sum()):>6}"
+    lines.append(f"{'total':<{w}}{'':<10}{len(df):>6}{int(df.shared_with.notna().sum()):>8}{int(df.finished.sum()):>6}"
                  f"{'':>12}{total:>10.1f}")
     lines.append("estimate for 2 CPU cores; not included: building the world, pre-training base models that are not "
                  "cached (~7 to 14 min each on 2 cores), and the first run on each data set (image and teacher caches)")

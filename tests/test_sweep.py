@@ -79,6 +79,19 @@ def test_where_filter_writes_a_narrower_training_set(tmp_path, micro_world):
     assert len(plain) == 10 and all(r.meta["meta"]["background"] == "plain" for r in plain)
 
 
+def test_where_position_keeps_scenes_whose_every_object_is_in_the_listed_cells():
+    from clip_refine_lab.world import CELLS, POSITION_NAMES
+
+    middle_row = ["middle left", "centre", "middle right"]
+    assert [POSITION_NAMES[CELLS.index(c)] for c in ((1, 0), (1, 1), (1, 2))] == middle_row
+    where = (("position", tuple(middle_row)),)
+    assert sw.scene_matches({"objects": [{"cell": [1, 0]}, {"cell": [1, 2]}]}, where)
+    assert not sw.scene_matches({"objects": [{"cell": [1, 1]}, {"cell": [0, 1]}]}, where)
+    assert not sw.scene_matches({"objects": [{"colour": "red"}]}, where)  # no cell recorded: not kept
+    ref = sw._data_ref("x", {"split": "synthetic-coco", "where": {"position": middle_row}})
+    assert ref.where == where and ref.label == "synthetic-coco, position in {middle left, centre, middle right}"
+
+
 def test_saved_spec_with_where_filter_parses_again(tmp_path):
     """The sweep folder's spec.yaml (read back by notebook 08 and the tables) keeps 'where' a mapping."""
     spec = spec_of({"narrow": {"table": "data", "seeds": [0], "base": {
@@ -105,6 +118,10 @@ def test_saved_spec_with_where_filter_parses_again(tmp_path):
      ["'where.colour'", "non-empty list"]),
     ({"a": {"table": "data", "runs": [{"data": {"split": "synthetic-web", "where": {"colur": ["red"]}}}]}}, {},
      ["'where' key 'colur'", "did you mean 'colour'"]),
+    ({"a": {"table": "data", "runs": [{"data": {"split": "synthetic-web", "where": {"position": ["middle"]}}}]}}, {},
+     ["'where.position' value 'middle'", "known: top left"]),
+    ({"a": {"table": "data", "runs": [{"data": {"split": "synthetic-web", "where": {"colour": ["gren"]}}}]}}, {},
+     ["'where.colour' value 'gren'", "did you mean 'green'"]),
     ({"a": {"table": "main"}}, {"base": {"lr": -1.0}}, ["lr must be > 0"]),
     ({"a": {"table": "main"}}, {"base": {"bogus": 1}}, ["base", "unknown RunConfig field 'bogus'"]),
     ({"a": {"table": "main"}}, {"seeds": []}, ["'seeds'"]),
