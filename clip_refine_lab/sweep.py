@@ -723,8 +723,30 @@ def config_mismatch(run: PlannedRun) -> list[str]:
     cfg = run.config.resolved()
     finished = (run.run_dir / "summary.json").is_file()
     ignored = set(RESUMABLE_FIELDS) - ({"max_steps"} if finished else set())
-    return [f.name for f in dataclasses.fields(RunConfig)
-            if f.name not in ignored and f.name != "extra" and getattr(previous, f.name) != getattr(cfg, f.name)]
+    changed = [f.name for f in dataclasses.fields(RunConfig)
+               if f.name not in ignored and f.name != "extra" and getattr(previous, f.name) != getattr(cfg, f.name)]
+    if "pretrained" not in changed and _embedded_base_changed(run.run_dir, cfg):
+        changed.append("pretrained: the embedded base model is a newer version")
+    return changed
+
+
+def _embedded_base_changed(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether a run that started from the embedded base model started from another one than the current.
+
+    The config says only ``pretrained: embedded``; the run's ``base.json`` records the checkpoint file, whose
+    name carries the key of world version, world config, architecture and recipe (pretrain.base_checkpoint_path).
+    Compared by name, so a moved cache directory does not count as a change."""
+    if cfg.pretrained != "embedded" or not (run_dir / "base.json").is_file():
+        return False
+    from .pretrain import base_checkpoint_path
+
+    try:
+        recorded = json.loads((run_dir / "base.json").read_text(encoding="utf-8")).get("pretrained")
+    except (OSError, ValueError):
+        return False
+    if not recorded:
+        return False
+    return Path(recorded).name != base_checkpoint_path(cfg.model, world_preset=cfg.preset).name
 
 
 def prepare_data(run: PlannedRun, *, progress: bool = False) -> Path | None:
@@ -930,7 +952,7 @@ def _one_run(run: PlannedRun, sweep_dir: Path, report: SweepReport, *, evaluate:
         mismatch = config_mismatch(src)
         if mismatch:
             raise SweepError(f"{src.run_dir} holds a run with a different configuration ({', '.join(mismatch)}): "
-                             f"the spec changed under the same run name; delete the directory to rerun it, or "
+                             f"the spec or its starting model changed under the same run name; delete the directory to rerun it, or "
                              f"give the entry another 'name:'")
         if (src.run_dir / "summary.json").is_file():
             report.skipped.append(run.key)

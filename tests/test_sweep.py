@@ -377,6 +377,22 @@ def test_changed_config_under_same_name_is_reported(tmp_path, monkeypatch):
     assert len(report.failed) == 1 and "different configuration (lr)" in report.failed[0][1]
 
 
+def test_run_from_an_older_embedded_base_is_reported(tmp_path, monkeypatch):
+    """Same config ('pretrained: embedded'), but the run started from a base model of an older world or recipe."""
+    spec, sweep_dir, runs = _fake_sweep(tmp_path, {"main": {"table": "main", "grid": {"method": ["hycd"]}}}, seeds=(0,))
+    run = runs[0]
+    _write_run(run, None)
+    current = tmp_path / "cache" / "base" / "micro-vit-32-newkey.safetensors"
+    monkeypatch.setattr("clip_refine_lab.pretrain.base_checkpoint_path", lambda *a, **k: current)
+    (run.run_dir / "base.json").write_text(json.dumps({"pretrained": "/elsewhere/base/micro-vit-32-newkey.safetensors"}))
+    assert sw.config_mismatch(run) == []  # same base, other cache directory: not a change
+    (run.run_dir / "base.json").write_text(json.dumps({"pretrained": "/elsewhere/base/micro-vit-32-oldkey.safetensors"}))
+    assert sw.config_mismatch(run) == ["pretrained: the embedded base model is a newer version"]
+    monkeypatch.setattr("clip_refine_lab.train.refine", _boom)
+    report = sw.run_sweep(spec, sweep_dir, progress=False, outputs=False)
+    assert len(report.failed) == 1 and "embedded base model is a newer version" in report.failed[0][1]
+
+
 def test_interrupted_run_is_resumed(tmp_path, monkeypatch):
     spec, sweep_dir, runs = _fake_sweep(tmp_path, {"main": {"table": "main", "grid": {"method": ["hycd"]}}}, seeds=(0,))
     run = runs[0]
