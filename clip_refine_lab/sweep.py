@@ -83,6 +83,8 @@ def where_vocabulary() -> dict[str, tuple[str, ...]]:
 
     return {"shape": SHAPES, "colour": COLOUR_NAMES, "size": SIZES, "position": POSITION_NAMES,
             "background": BACKGROUNDS}
+
+
 #: The paper's row order of Table 1-3.
 METHOD_ORDER = (PRETRAINED, "contrastive", "m2-mix", "self-kd", "hycd", "hycd+l2", "clip-refine")
 #: Short names of varied fields in run names (others use the field name).
