@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -93,15 +92,14 @@ def supervised_learnability(arch: str, world, steps: int, recipe, device: str) -
     shape_y = torch.tensor([SHAPES.index(r.meta["meta"]["objects"][0]["shape"]) for r in records])
     cell_y = torch.tensor([CELLS.index(tuple(r.meta["meta"]["objects"][0]["cell"])) for r in records])
     head = torch.nn.Linear(fresh.embed_dim, len(SHAPES) + len(CELLS)).to(device)
-    lr = recipe.lr
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr,
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=recipe.lr,
                             betas=(0.9, 0.98), eps=1e-6, weight_decay=recipe.weight_decay)
     gen = torch.Generator().manual_seed(recipe.seed)
     tower.train()
     for step in range(steps):
         idx = torch.randint(len(records), (min(recipe.batch_size, len(records)),), generator=gen)
-        for g in opt.param_groups:  # pretrain_base's schedule: linear warm-up, then cosine
-            g["lr"] = lr * min(1.0, (step + 1) / recipe.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:  # pretrain_base's schedule
+            g["lr"] = recipe.lr_at(step, steps)
         out = head(tower(normalize_uint8(images[idx], mean, std).to(device)))
         loss = (torch.nn.functional.cross_entropy(out[:, :len(SHAPES)], shape_y[idx].to(device))
                 + torch.nn.functional.cross_entropy(out[:, len(SHAPES):], cell_y[idx].to(device)))

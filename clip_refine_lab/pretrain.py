@@ -34,6 +34,10 @@ class PretrainRecipe:
     seed: int = 0
     logit_scale_init: float | None = None  # initial exp(logit_scale); None = open_clip's 1/0.07
 
+    def lr_at(self, step: int, total: int) -> float:
+        """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total`` steps."""
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / total))
+
 
 RECIPES = {
     "default": PretrainRecipe(epochs=6, batch_size=256, lr=3e-4, warmup_steps=100),
@@ -104,7 +108,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
         order = torch.randperm(len(records), generator=gen)
         for b in range(steps_per_epoch):
             idx = order[b * recipe.batch_size:(b + 1) * recipe.batch_size]
-            lr = recipe.lr * min(1.0, (step + 1) / recipe.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / total))
+            lr = recipe.lr_at(step, total)
             for g in opt.param_groups:
                 g["lr"] = lr
             x = normalize_uint8(images[idx], mean, std).to(device)
