@@ -1,7 +1,8 @@
 """Compare base-model pre-training recipes on the embedded world: zero-shot per task, gap, time.
 
 Each recipe is ``ARCH:epochs:batch:lr[:field=value...]`` (fields of
-:class:`clip_refine_lab.pretrain.PretrainRecipe`, e.g. ``warmup_steps=200``, ``logit_scale_init=50``) and goes through the library's own
+:class:`clip_refine_lab.pretrain.PretrainRecipe`, e.g. ``warmup_steps=200``, ``logit_scale_init=50``,
+``relation_hard_negatives=true``) and goes through the library's own
 :func:`clip_refine_lab.pretrain.pretrain_base` (cached by world + architecture + recipe, so a second
 call of the same recipe only reads its summary). This is how the default base recipe was chosen
 (README, "The base model"); the table is printed in Markdown.
@@ -45,7 +46,12 @@ def parse_recipe(text: str):
         name, _, value = extra.partition("=")
         if name not in types:
             raise SystemExit(f"recipe '{text}': unknown field '{name}'; PretrainRecipe has {', '.join(types)}")
-        kwargs[name] = int(value) if "int" in str(types[name]) else float(value)
+        if "bool" in str(types[name]):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"recipe '{text}': {name} takes true or false, got '{value}'")
+            kwargs[name] = value.lower() in ("true", "1")
+        else:
+            kwargs[name] = int(value) if "int" in str(types[name]) else float(value)
     return arch, PretrainRecipe(epochs=epochs, batch_size=batch, lr=lr, **kwargs)
 
 

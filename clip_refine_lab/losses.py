@@ -25,6 +25,7 @@ __all__ = [
     "random_feature_alignment",
     "hybrid_contrastive_distillation",
     "clip_contrastive_loss",
+    "hard_negative_contrastive_loss",
     "l2_alignment",
     "spherical_interpolation",
     "m2_mix_loss",
@@ -180,6 +181,37 @@ def clip_contrastive_loss(
     if not torch.is_tensor(logit_scale):
         logit_scale = torch.as_tensor(logit_scale, dtype=image_features.dtype, device=image_features.device)
     return _open_clip_loss()(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1), logit_scale)
+
+
+def hard_negative_contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    negative_text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """CLIP's InfoNCE with extra negative captions for the images (NegCLIP, Yuksekgonul et al., ICLR 2023).
+
+        logits_I = logit_scale · F̂_I [F̂_T; F̂_N]ᵀ,   logits_T = logit_scale · F̂_T F̂_Iᵀ,
+        L = ½ (CE(logits_I, diag) + CE(logits_T, diag))
+
+    ``negative_text_features`` (H×d, H ≥ 0) are captions that are false of every image in the batch,
+    typically a true caption with its relation words swapped ("left of" → "right of"). They only widen
+    the image→text softmax: they have no image of their own, so the text→image term is CLIP's. In a
+    random web batch hardly any other caption names the same two objects, so a relation word never has
+    to be read to find the right caption; the swapped copy makes it the only difference. With H = 0 this
+    is exactly :func:`clip_contrastive_loss`.
+    """
+    _check_pairs("hard_negative_contrastive_loss", image_features, text_features)
+    if negative_text_features.dim() != 2 or negative_text_features.shape[1] != text_features.shape[1]:
+        raise ValueError("hard_negative_contrastive_loss: negative_text_features must be H×d with the text features' d, "
+                         f"got {tuple(negative_text_features.shape)} beside {tuple(text_features.shape)}")
+    image = F.normalize(image_features, dim=-1)
+    text = F.normalize(text_features, dim=-1)
+    negatives = F.normalize(negative_text_features, dim=-1)
+    labels = torch.arange(image.shape[0], device=image.device)
+    logits_per_image = logit_scale * image @ torch.cat([text, negatives]).T
+    logits_per_text = logit_scale * text @ image.T
+    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
 
 
 def l2_alignment(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

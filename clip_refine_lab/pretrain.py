@@ -2,7 +2,15 @@
 
 This plays the part of "OpenAI CLIP pre-trained on noisy web alt-text": CLIP's own contrastive loss
 (open_clip's ``ClipLoss``, learnable logit scale) on ``synthetic-web``, whose captions are short,
-often partial and 20% mismatched. The result is cached under
+often partial and 20% mismatched.
+
+``PretrainRecipe.relation_hard_negatives`` (off by default) adds NegCLIP's hard negatives: a caption that
+names a relation ("a red circle left of a blue star") also enters the batch with its relation words
+swapped, as an extra negative for the images
+(:func:`~clip_refine_lab.losses.hard_negative_contrastive_loss`). It was tried to lift the base model off
+chance on the ``relation`` task and did not (README, "The embedded world and base model", fourth round);
+``python benchmarks/pretrain_recipes.py tiny-vit-48:6:256:3e-4:relation_hard_negatives=true``
+reproduces that row. The result is cached under
 ``<cache dir>/base/<arch>-<key>.safetensors`` (key = world + architecture + recipe), written
 atomically with a JSON summary beside it; a second call loads instead of retraining.
 """
@@ -33,6 +41,7 @@ class PretrainRecipe:
     warmup_steps: int = 100
     seed: int = 0
     logit_scale_init: float | None = None  # initial exp(logit_scale); None = open_clip's 1/0.07
+    relation_hard_negatives: bool = False  # add each relation caption, relation words swapped, as a negative
 
     def lr_at(self, step: int, total: int) -> float:
         """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total`` steps."""
@@ -53,9 +62,10 @@ def base_checkpoint_path(arch: str | None = None, *, world_preset: str | None = 
     arch = arch or preset.model
     recipe = recipe or RECIPES[preset.name]
     world_cfg = WorldConfig.preset(preset.world)
-    # Unset optional fields stay out of the key, so adding a field does not invalidate cached bases.
-    recipe_key = {k: v for k, v in asdict(recipe).items() if v is not None}
-    key = stable_hash([PRETRAIN_VERSION, WORLD_VERSION, asdict(world_cfg), arch, recipe_key])
+    # Unset optional fields (None, or an off switch) stay out of the key, so adding one does not invalidate
+    # cached bases.
+    recipe_key = {k: v for k, v in asdict(recipe).items() if v is not None and v is not False}
+    key = stable_hash([PRETRAIN_VERSION, WORLD_VERSION, world_cfg.key_dict(), arch, recipe_key])
     return cache_dir() / "base" / f"{arch}-{key}.safetensors"
 
 
@@ -65,13 +75,12 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     path = base_checkpoint_path(arch, world_preset=world_preset, recipe=recipe)
     if path.is_file() and path.with_suffix(".json").is_file():
         return path
-    from open_clip.loss import ClipLoss
-
     from .data import load_manifest
     from .features import decode_images, normalize_uint8
+    from .losses import hard_negative_contrastive_loss
     from .models import ModelSpec, load_model, save_checkpoint
     from .train import fused_adamw_available
-    from .world import WorldConfig, build_world
+    from .world import WorldConfig, build_world, relation_swapped
 
     preset = PRESETS[preset_name(world_preset)]
     arch = arch or preset.model
@@ -86,7 +95,13 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     size = _image_size(loaded)
     records = load_manifest(world.manifest("synthetic-web")).records()
     images = decode_images(records, size, progress=progress)
-    tokens = loaded.tokenizer([r.captions[0] for r in records])
+    captions = [r.captions[0] for r in records]
+    tokens = loaded.tokenizer(captions)
+    swapped = [relation_swapped(c) if recipe.relation_hard_negatives else None for c in captions]
+    negative_row = torch.full((len(captions),), -1, dtype=torch.long)  # row of a caption's negative in negative_tokens
+    has_negative = [i for i, c in enumerate(swapped) if c is not None]
+    negative_row[has_negative] = torch.arange(len(has_negative))
+    negative_tokens = loaded.tokenizer([swapped[i] for i in has_negative]) if has_negative else tokens[:0]
     mean, std = loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"]
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not the fixed sin-cos table
@@ -98,7 +113,6 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
                             fused=fused_adamw_available(torch.device(device)))
     steps_per_epoch = len(records) // recipe.batch_size
     total = steps_per_epoch * recipe.epochs
-    loss_fn = ClipLoss()
     gen = torch.Generator().manual_seed(recipe.seed)
     model.train()
     start = time.time()
@@ -112,8 +126,12 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
             for g in opt.param_groups:
                 g["lr"] = lr
             x = normalize_uint8(images[idx], mean, std).to(device)
-            fi, ft, scale = model(x, tokens[idx].to(device))
-            loss = loss_fn(fi, ft, scale)
+            rows = negative_row[idx]
+            rows = rows[rows >= 0]
+            # one text forward for the batch's captions and their hard negatives
+            text = model.encode_text(torch.cat([tokens[idx], negative_tokens[rows]]).to(device))
+            image = model.encode_image(x)
+            loss = hard_negative_contrastive_loss(image, text[:len(idx)], text[len(idx):], model.logit_scale.exp())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"pre-training loss became {loss.item()} at step {step}; lower the lr")
             opt.zero_grad(set_to_none=True)
@@ -129,6 +147,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     spec = ModelSpec(arch, "embedded", False, loaded.spec.preprocess)
     summary = summarize_base(loaded, world, device=device, progress=progress)
     summary.update(arch=arch, world=str(world.root), recipe=asdict(recipe), train_seconds=round(time.time() - start, 1),
+                   hard_negative_fraction=round(len(has_negative) / len(captions), 4),
                    final_loss=float(loss.item()), logit_scale=float(model.logit_scale.exp().item()))
     save_checkpoint(model, path, spec, summary=json.dumps(summary))
     atomic_write_json(path.with_suffix(".json"), summary)

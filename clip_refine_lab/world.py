@@ -9,7 +9,8 @@ real data:
 split                  analogue
 =====================  =====================================================================
 synthetic-web          the noisy web pre-training set (one short alt-text per image; about 20%
-                       mismatched and 30% partial captions; ``meta.noise`` says which)
+                       mismatched and 30% partial captions; ``meta.noise`` says which; 5% of the
+                       images are line drawings and 5% noisy, ``meta.style`` says which)
 synthetic-coco         COCO Captions (post-pre-training: 5 correct, detailed captions per image)
 synthetic-retrieval    a held-out retrieval test set (5 captions per image)
 <task>                 zero-shot classification test sets (ImageNet and friends)
@@ -36,6 +37,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -49,7 +51,7 @@ from PIL import Image, ImageDraw
 from .data import write_manifest
 from .utils import atomic_write_json, cache_dir, stable_hash
 
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 MAX_CAPTION_WORDS = 20
 SUPERSAMPLE = 4  # objects are drawn at 4x and box-filtered down (anti-aliasing)
 
@@ -136,6 +138,27 @@ RELATION_WORDS: dict[str, tuple[str, ...]] = {
     "below": ("below", "under", "beneath"),
 }
 
+#: Each relation word's opposite, for :func:`relation_swapped` ("to the left of" -> "to the right of").
+OPPOSITE_RELATION_WORDS: dict[str, str] = {
+    "left of": "right of", "right of": "left of", "above": "below", "over": "under",
+    "below": "above", "under": "over", "beneath": "above",
+}
+_RELATION_WORD_RE = re.compile(r"\b(" + "|".join(sorted(OPPOSITE_RELATION_WORDS, key=len, reverse=True)) + r")\b")
+
+
+def relation_swapped(caption: str) -> str | None:
+    """``caption`` with every relation word replaced by its opposite, or None if it names no relation.
+
+    "a red circle left of a blue star" -> "a red circle right of a blue star": false of the scene the
+    caption describes (a relation in a caption holds, and its opposite then does not), except where the
+    caption cannot tell its two objects apart ("a star under a star"), so pre-training can use it as a hard
+    negative (:func:`clip_refine_lab.losses.hard_negative_contrastive_loss`).
+    Position phrases ("in the top left") are left alone: only "left of"/"right of" are relation words.
+    """
+    swapped, n = _RELATION_WORD_RE.subn(lambda m: OPPOSITE_RELATION_WORDS[m.group(1)], caption)
+    return swapped if n else None
+
+
 BACKGROUNDS: tuple[str, ...] = ("plain", "striped", "dotted", "checkered", "gradient", "noisy")
 BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {
     "plain": ("plain grey background", "plain background", "grey background"),
@@ -180,6 +203,25 @@ class WorldConfig:
     val_size: int = 300
     web_mismatch: float = 0.2
     web_partial: float = 0.3
+    # Web images drawn as outline sketches (with a caption that names no colour) and with heavy pixel
+    # noise. The web has drawings and poor photos too, which is why real CLIPs are far above chance on
+    # ImageNet-Sketch; with none, the base model was at chance on the sketch tasks (WORLD_VERSION 4).
+    web_sketch: float = 0.05
+    web_noise: float = 0.05
+
+    def __post_init__(self):
+        clean = 1.0 - self.web_mismatch - self.web_partial
+        for name in ("web_mismatch", "web_partial", "web_sketch", "web_noise"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if clean < 0:
+            raise ValueError(f"WorldConfig: web_mismatch + web_partial must be at most 1, got {1 - clean:g}")
+        if self.web_sketch > clean:  # sketches are drawn from the clean pairs (their caption is complete)
+            raise ValueError(f"WorldConfig.web_sketch ({self.web_sketch:g}) cannot exceed the clean share of "
+                             f"synthetic-web, 1 - web_mismatch - web_partial = {clean:g}")
+        if self.web_sketch + self.web_noise > 1.0 - self.web_mismatch:
+            raise ValueError("WorldConfig: web_sketch + web_noise cannot exceed 1 - web_mismatch "
+                             f"({1 - self.web_mismatch:g}): mismatched pairs keep the normal style")
 
     @classmethod
     def preset(cls, name: str) -> "WorldConfig":
@@ -193,8 +235,13 @@ class WorldConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def key_dict(self) -> dict:
+        """The config as it enters cache keys: the web styles are left out while they are off (0), so a world
+        without them keeps the key it had before the fields existed."""
+        return {k: v for k, v in self.to_dict().items() if not (k in ("web_sketch", "web_noise") and v == 0)}
+
     def world_hash(self) -> str:
-        return stable_hash({"version": WORLD_VERSION, "config": self.to_dict()})
+        return stable_hash({"version": WORLD_VERSION, "config": self.key_dict()})
 
 
 # ------------------------------------------------------------------------------------------ scenes
@@ -574,6 +621,43 @@ def _partial_caption(scene: dict, rng: np.random.Generator) -> str:
     return _finish(rng, text, allow_prefix=text.startswith(("a ", "an ")))
 
 
+#: Openings of the caption of a sketch-style web image.
+SKETCH_PREFIXES: tuple[str, ...] = ("a sketch of", "a drawing of", "a line drawing of", "an outline drawing of")
+
+
+def sketch_caption(scene: dict, rng: np.random.Generator) -> str:
+    """The alt-text of ``scene`` drawn as a sketch: every object's shape, counts and often positions, no colour,
+    size or background (a line drawing shows none of them reliably).
+
+    "a sketch of two circles and a star in the top left", "a drawing of three shapes: a ring, a cross and a
+    star". Groups objects by shape, so a count ("two circles") is exact.
+    """
+    objs = [scene["objects"][int(i)] for i in rng.permutation(len(scene["objects"]))]
+    p_pos = 0.7
+    for _ in range(20):
+        groups: dict[str, list[dict]] = {}
+        for o in objs:
+            groups.setdefault(o["shape"], []).append(o)
+        units = []
+        for shape, group in groups.items():
+            sing, plur = _pick(rng, SHAPE_WORDS[shape])
+            if len(group) == 1:
+                unit = _article(sing)
+                if rng.random() < p_pos:
+                    unit += " " + _position_phrase(rng, group[0])
+            else:
+                unit = f"{_pick(rng, COUNT_WORDS[len(group)], 0.7)} {plur}"
+            units.append(unit)
+        text = _join(units)
+        if len(objs) > 1 and rng.random() < 0.3:
+            text = f"{_total_phrase(rng, len(objs))}: {text}"
+        text = _finish(rng, f"{_choice(rng, SKETCH_PREFIXES)} {text}", allow_prefix=False)
+        if len(text.split()) <= MAX_CAPTION_WORDS:
+            return text
+        p_pos *= 0.5
+    return f"{_choice(rng, SKETCH_PREFIXES)} {_total_phrase(rng, len(objs))}"
+
+
 def describe(scene: dict, rng: np.random.Generator, detail: str = "full") -> str:
     """One caption of ``scene`` (at most :data:`MAX_CAPTION_WORDS` words, lower case).
 
@@ -789,6 +873,14 @@ def make_record(config: WorldConfig, spec: SplitSpec, index: int) -> tuple[dict,
             else:
                 noise, caption = "clean", describe(scene, rng, "full")
             meta["noise"] = noise
+            # the style: sketches only among clean pairs (their caption is re-made, colourless and complete),
+            # noise among clean and partial ones; mismatched pairs stay normal
+            v = rng.random() if config.web_sketch or config.web_noise else 0.5  # no draw while styles are off
+            if noise == "clean" and v < config.web_sketch / (1.0 - config.web_mismatch - config.web_partial):
+                meta["style"] = "sketch"
+                caption = sketch_caption(scene, rng)
+            elif noise != "mismatched" and v >= 1.0 - config.web_noise / (1.0 - config.web_mismatch):
+                meta["style"] = "noise"
             record["captions"] = [caption]
         else:
             record["captions"] = caption_set(scene, rng, 5)
@@ -813,7 +905,7 @@ def _build_chunk(args: tuple) -> list[dict]:
     for index in range(start, stop):
         record, scene = make_record(config, spec, index)
         _, render_rng = _rngs(config, spec, index)
-        img = render_scene(scene, config.image_size, spec.style, render_rng)
+        img = render_scene(scene, config.image_size, record["meta"].get("style", spec.style), render_rng)
         img.save(folder / record["image"], format="PNG", compress_level=1)
         records.append(record)
     return records

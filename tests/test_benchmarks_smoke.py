@@ -38,7 +38,7 @@ SCRIPTS = {  # script -> its smallest settings (each also gets --json)
     "bench_encode.py": ["--quick", "--threads", "1"],
     "bench_loop.py": ["--steps", "3", "--skip", "1", "--threads", "1"],  # the micro preset (conftest)
     "pretrain_recipes.py": ["--world", "micro", "--threads", "1", "micro-vit-32:1:64:2e-3",
-                            "micro-vit-32:1:64:2e-3:logit_scale_init=50"],
+                            "micro-vit-32:1:64:2e-3:logit_scale_init=50:relation_hard_negatives=true"],
     "base_diagnostics.py": ["--world", "micro", "--threads", "1", "--supervised-steps", "3"],
 }
 
@@ -125,8 +125,11 @@ def test_bench_loop_runs_the_trainer_with_and_without_caches(runs):
 def test_pretrain_recipes_reports_each_recipe(runs):
     stdout, summaries = _result(runs, "pretrain_recipes.py")
     assert len(summaries) == 2 and [s["recipe"]["logit_scale_init"] for s in summaries] == [None, 50.0]
+    assert [s["recipe"]["relation_hard_negatives"] for s in summaries] == [False, True]
+    # the micro web set names relations in a few captions; only the second recipe adds their swapped copies
+    assert summaries[0]["hard_negative_fraction"] == 0 and 0 < summaries[1]["hard_negative_fraction"] < 0.5
     assert all(s["arch"] == "micro-vit-32" and "shape" in s["zero_shot"] for s in summaries)
-    assert "micro-vit-32:1:64:2e-3:logit_scale_init=50" in stdout and "mean top-1" in stdout
+    assert "logit_scale_init=50:relation_hard_negatives=true" in stdout and "mean top-1" in stdout
 
 
 def test_base_diagnostics_reports_probes_text_and_learnability(runs):

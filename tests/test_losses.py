@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from clip_refine_lab.distributed import gather_features, is_main_process, world_info
 from clip_refine_lab.losses import (
     clip_contrastive_loss,
+    hard_negative_contrastive_loss,
     hybrid_contrastive_distillation,
     l2_alignment,
     m2_mix_loss,
@@ -236,6 +237,30 @@ def test_clip_loss_matches_formula_and_passes_scale_gradient():
     assert loss.item() == pytest.approx(_cross_entropy_both_ways(logits).item(), rel=REL)
     loss.backward()
     assert log_scale.grad is not None and torch.isfinite(log_scale.grad)
+
+
+def test_hard_negative_loss_without_negatives_is_clip_loss():
+    image, text, *_ = _random_features(seed=9)
+    none = text[:0]
+    assert hard_negative_contrastive_loss(image, text, none, 14.0).item() == pytest.approx(
+        clip_contrastive_loss(image, text, 14.0).item(), rel=REL)
+
+
+def test_hard_negative_loss_matches_formula():
+    """Negatives widen only the image->text softmax (they have no image), by hand in float64."""
+    image, text, *_ = _random_features(seed=10)
+    negatives = torch.randn(3, text.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    scale = 20.0
+    i, t, n = (F.normalize(x, dim=-1) for x in (image, text, negatives))
+    labels = torch.arange(image.shape[0])
+    per_image = F.cross_entropy(scale * i @ torch.cat([t, n]).T, labels)
+    per_text = F.cross_entropy(scale * t @ i.T, labels)
+    loss = hard_negative_contrastive_loss(image, text, negatives, scale)
+    assert loss.item() == pytest.approx(0.5 * (per_image + per_text).item(), rel=REL)
+    # a negative equal to an image's true caption is as likely as the truth: the loss rises
+    assert hard_negative_contrastive_loss(image, text, text[:2], scale) > clip_contrastive_loss(image, text, scale)
+    with pytest.raises(ValueError, match="negative_text_features"):
+        hard_negative_contrastive_loss(image, text, negatives[:, :3], scale)
 
 
 def test_l2_alignment_is_two_minus_two_mean_cosine():

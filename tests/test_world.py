@@ -49,7 +49,7 @@ def _records(w: W.World, name: str):
 
 # ------------------------------------------------------------------------------ caption checker
 FILLERS = {"a", "an", "the", "of", "in", "at", "on", "against", "with", "and", "corner",
-           "photo", "image", "rendering", "picture", "drawing"}
+           "photo", "image", "rendering", "picture", "drawing", "sketch", "line", "outline"}
 
 
 def _phrase_table():
@@ -456,6 +456,63 @@ def test_web_noise_fractions(built):
     assert false / len(recs) > 0.6
 
 
+def test_web_styles(built):
+    """WORLD_VERSION 4: ~5 % of web images are sketches (clean pairs, caption without colour, size or
+    background, naming every object) and ~5 % noisy; mismatched pairs keep the normal style; the rendered
+    image follows the record's style."""
+    cfg = W.WorldConfig()
+    spec = next(s for s in W.split_specs(cfg) if s.name == "synthetic-web")
+    records = [W.make_record(cfg, spec, i)[0] for i in range(4000)]
+    styles = [r["meta"].get("style", "normal") for r in records]
+    assert abs(styles.count("sketch") / 4000 - cfg.web_sketch) < 0.015
+    assert abs(styles.count("noise") / 4000 - cfg.web_noise) < 0.015
+    for r in records:
+        style, noise = r["meta"].get("style", "normal"), r["meta"]["noise"]
+        if noise == "mismatched":
+            assert style == "normal"
+        if style == "sketch":
+            assert noise == "clean"
+            cap = r["captions"][0]
+            assert cap.startswith(W.SKETCH_PREFIXES), cap
+            assert not {c for c, _ in tokenize(cap)} & {"colour", "size", "bg"}, cap
+            assert caption_true(cap, r["meta"], complete=True), (cap, r["meta"])
+    sketches = [r for r in _records(built, "synthetic-web") if r.meta["meta"].get("style") == "sketch"]
+    assert sketches, "the micro world should hold a few sketches"
+    for r in sketches[:5]:
+        img = np.asarray(Image.open(r.image).convert("RGB"), dtype=np.float32)
+        # black outlines on white: every pixel is grey (no colour) and most are white
+        assert np.abs(img - img.mean(axis=2, keepdims=True)).max() < 1.0 and (img > 250).mean() > 0.5
+
+
+def test_relation_swapped_makes_a_false_caption():
+    assert W.relation_swapped("a red circle to the left of a blue star") == "a red circle to the right of a blue star"
+    assert W.relation_swapped("a star beneath a ring, and a box in the top left.") == "a star above a ring, and a box in the top left."
+    assert W.relation_swapped("a red star in the top left") is None  # a position, not a relation
+    cfg = W.WorldConfig()
+    rng = np.random.default_rng(5)
+    swapped, still_true = 0, []
+    for _ in range(1500):
+        scene = W.generate_scene(rng, cfg)
+        for cap in (W.describe(scene, rng, "full"), W.describe(scene, rng, "partial")):
+            neg = W.relation_swapped(cap)
+            if neg is not None:
+                swapped += 1
+                assert caption_true(cap, scene), (cap, scene)
+                if caption_true(neg, scene):
+                    still_true.append(neg)
+    # true again only where the caption cannot tell its two objects apart ("a star under a star")
+    assert swapped > 50 and len(still_true) <= 0.1 * swapped, still_true
+
+
+def test_world_config_validation():
+    with pytest.raises(ValueError, match="web_sketch"):
+        W.WorldConfig(web_sketch=0.6)
+    with pytest.raises(ValueError, match="web_noise"):
+        W.WorldConfig(web_noise=1.5)
+    with pytest.raises(ValueError, match="at most 1"):
+        W.WorldConfig(web_mismatch=0.7, web_partial=0.5)
+
+
 def test_web_captions_mention_task_attributes(built):
     """Learnability: the pre-training captions talk about what the tasks ask."""
     caps = [r.captions[0] for r in _records(built, "synthetic-web")]
@@ -468,7 +525,7 @@ def test_web_captions_mention_task_attributes(built):
 def test_world_json_and_presets(built):
     info = json.loads((built.root / "world.json").read_text())
     assert info["version"] == W.WORLD_VERSION and info["config"] == MICRO.to_dict()
-    assert built.root.name == W.stable_hash({"version": W.WORLD_VERSION, "config": MICRO.to_dict()})
+    assert built.root.name == W.stable_hash({"version": W.WORLD_VERSION, "config": MICRO.key_dict()})
     assert W.WorldConfig.preset("default") == W.WorldConfig()
     with pytest.raises(KeyError):
         W.WorldConfig.preset("huge")
