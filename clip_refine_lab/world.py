@@ -633,11 +633,11 @@ def sketch_caption(scene: dict, rng: np.random.Generator) -> str:
     star". Groups objects by shape, so a count ("two circles") is exact.
     """
     objs = [scene["objects"][int(i)] for i in rng.permutation(len(scene["objects"]))]
+    groups: dict[str, list[dict]] = {}
+    for o in objs:
+        groups.setdefault(o["shape"], []).append(o)
     p_pos = 0.7
     for _ in range(20):
-        groups: dict[str, list[dict]] = {}
-        for o in objs:
-            groups.setdefault(o["shape"], []).append(o)
         units = []
         for shape, group in groups.items():
             sing, plur = _pick(rng, SHAPE_WORDS[shape])
