@@ -32,11 +32,13 @@ if REPO_ROOT not in sys.path:
 
 from bench_refine import describe_machine, format_table, machine_info, setup_environment  # noqa: E402
 
-PROBE_TASKS = ("shape", "position", "size", "count", "relation")
+PROBE_TASKS = ("shape", "position", "size", "count", "relation", "count-sketch", "position-sketch")
 PROMPT_GROUPS = {
     "positions": ["a shape in the top left", "a shape in the bottom right", "a shape in the centre", "a shape in the top right"],
     "shapes": ["a star", "a circle", "a square", "a heart"],
     "colours": ["a red object", "a blue object", "a green object", "a yellow object"],
+    "relations": ["a red shape left of a blue shape", "a red shape right of a blue shape",
+                  "a red shape above a blue shape", "a red shape below a blue shape"],
 }
 
 
