@@ -346,6 +346,25 @@ def use_sdpa_attention(model: torch.nn.Module) -> int:
     return n
 
 
+def train_with_frozen_batch_norm(model: torch.nn.Module) -> int:
+    """``model.train()``, but every batch-norm layer keeps using (and no longer updates) its running statistics.
+
+    Post-pre-training starts from a converged model and distils from a frozen copy of it: with batch
+    statistics in train mode, a ModifiedResNet tower would compute different features than its eval-mode
+    teacher from step 0 (Self-KD would not be zero there) and a few hundred pairs would overwrite running
+    statistics estimated on the whole pre-training set. The affine weights still train. This is what
+    open_clip's ``lock_image_tower(freeze_bn_stats=True)`` does for a locked tower. Returns how many layers
+    it froze (0 for the ViTs, which have none).
+    """
+    model.train()
+    frozen = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            frozen += 1
+    return frozen
+
+
 def use_channels_last(model: torch.nn.Module) -> bool:
     """Channels-last memory format for a convolutional image tower (ModifiedResNet, ConvNeXt...).
 

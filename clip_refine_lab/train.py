@@ -56,8 +56,8 @@ from .data_formats import is_streaming
 from .features import Subset
 from .distributed import gather_features, world_info
 from .methods import Method, get_method, loss_terms
-from .models import (LoadedModel, ModelSpec, compile_towers, load_model, save_checkpoint, use_channels_last,
-                     use_sdpa_attention)
+from .models import (LoadedModel, ModelSpec, compile_towers, load_model, save_checkpoint, train_with_frozen_batch_norm,
+                     use_channels_last, use_sdpa_attention)
 from .priors import build_prior, feature_statistics
 from .utils import atomic_path, atomic_write, atomic_write_json, seed_everything
 
@@ -620,7 +620,7 @@ class Refiner:
                                       teacher=self.teacher_batch("val", self.val_set, items))
             total += float(terms["loss"]) * global_bs
             count += global_bs
-        self.model.train()
+        train_with_frozen_batch_norm(self.model)
         return total / count if count else None
 
     def _val_batches(self, global_bs: int, local_bs: int):
@@ -679,7 +679,7 @@ class Refiner:
                 self._emit(log_path, {"kind": "val", "step": 0, "val_loss": best_val, "best": True})
         if self.skipped:
             print(f"on_bad_sample=skip: skipped {self.skipped} unreadable or captionless samples")
-        self.model.train()
+        train_with_frozen_batch_norm(self.model)
         bar = tqdm(total=self.total_steps, initial=step, desc=f"refine {cfg.method}",
                    disable=not self.progress or self.rank != 0)
         batches = iter(self.train_loader(step))

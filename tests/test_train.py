@@ -205,3 +205,23 @@ def test_worker_processes_load_the_same_batches(tmp_path, micro_base):
     b = refine(micro_config(tmp_path, run_name="w2", max_steps=3, num_workers=2), progress=False)
     strip = lambda log: [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in log]  # noqa: E731
     assert strip(read_log(a)) == strip(read_log(b))
+
+
+def test_batch_norm_statistics_stay_frozen_so_self_kd_starts_at_zero(tmp_path, micro_world):
+    """A ModifiedResNet tower has batch norm: in plain train mode the student would use batch statistics and
+    differ from its eval-mode teacher at step 0. The trainer keeps the running statistics instead."""
+    from clip_refine_lab.models import train_with_frozen_batch_norm
+
+    cfg = micro_config(tmp_path, method="self-kd", model="tiny-rn-48", pretrained=None, batch_size=16, epochs=1)
+    refiner = Refiner(cfg.resolved(), progress=False)
+    running = {n: b.clone() for n, b in refiner.model.named_buffers() if "running" in n}
+    assert running, "tiny-rn-48 must have batch-norm layers for this test to mean anything"
+    images, tokens = refiner.load_batch(refiner.train_set, refiner.batch_indices(0, 0))
+    assert train_with_frozen_batch_norm(refiner.model) > 0 and refiner.model.training
+    terms = refiner.compute_loss(images, tokens, step=0, train=True)
+    assert float(terms["loss"]) == pytest.approx(0.0, abs=1e-6)
+    buffers = dict(refiner.model.named_buffers())
+    assert all(torch.equal(running[n], buffers[n]) for n in running)
+    refiner.model.train()  # what the trainer must not do: batch statistics make the student differ
+    assert float(refiner.compute_loss(images, tokens, step=0, train=True)["loss"]) > 1e-3
+    assert not all(torch.equal(running[n], buffers[n]) for n in running)
