@@ -225,3 +225,11 @@ def test_batch_norm_statistics_stay_frozen_so_self_kd_starts_at_zero(tmp_path, m
     refiner.model.train()  # what the trainer must not do: batch statistics make the student differ
     assert float(refiner.compute_loss(images, tokens, step=0, train=True)["loss"]) > 1e-3
     assert not all(torch.equal(running[n], buffers[n]) for n in running)
+
+
+def test_self_kd_starts_at_zero_on_a_batch_norm_model_through_the_trainer(tmp_path, micro_world):
+    # the first logged loss is computed in the trainer's train mode, before any update (weight decay then
+    # moves the student away from the teacher, so later steps need not be zero)
+    run_dir = refine(micro_config(tmp_path, method="self-kd", model="tiny-rn-48", pretrained=None, batch_size=16,
+                                  max_steps=2), progress=False)
+    assert read_log(run_dir)[0]["loss"] == pytest.approx(0.0, abs=1e-6)
