@@ -135,9 +135,10 @@ def test_pretrain_recipes_reports_each_recipe(runs):
 def test_base_diagnostics_reports_probes_text_and_learnability(runs):
     stdout, result = _result(runs, "base_diagnostics.py")
     assert result["arch"] == "micro-vit-32"
-    assert [p["task"] for p in result["probes"]] == ["shape", "position", "size", "count", "relation"]
+    assert [p["task"] for p in result["probes"]] == ["shape", "position", "size", "count", "relation",
+                                                         "count-sketch", "position-sketch"]
     assert all(0 <= p["probe_top1"] <= 100 and p["chance"] > 0 for p in result["probes"])
-    assert [t["group"] for t in result["text"]] == ["positions", "shapes", "colours"]
+    assert [t["group"] for t in result["text"]] == ["positions", "shapes", "colours", "relations"]
     assert all(-1 - 1e-6 <= t["min_cosine"] <= t["mean_cosine"] <= 1 + 1e-6 for t in result["text"])
     sup = result["supervised"]
     assert sup["steps"] == 3 and sup["train_images"] > 0
