@@ -176,6 +176,27 @@ BACKGROUND_NAMES: dict[str, str] = {
 #: Optional caption openings (words outside the attribute vocabulary; they carry no claim).
 CAPTION_PREFIXES: tuple[str, ...] = ("a photo of", "an image of", "a rendering of", "a picture of", "a drawing of")
 
+_OBJECTS_RELATION_RE = re.compile(
+    r"^(?P<pre>(?:" + "|".join(CAPTION_PREFIXES) + r") )?(?P<a>an? .+?) (?P<rel>"
+    + "|".join(sorted({w for ws in RELATION_WORDS.values() for w in ws}, key=len, reverse=True))
+    + r") (?P<b>an? .+?)(?P<rest>(?: on an? [a-z ]+ background)?(?:, and .*)?\.?)$")
+
+
+def relation_objects_swapped(caption: str) -> str | None:
+    """``caption`` with the two objects of its relation swapped, or None if it does not start with one.
+
+    "a violet ring left of an orange disc on a gradient background" -> "an orange disc left of a violet ring
+    on a gradient background": false of the scene whenever the original is true (the relations are strict),
+    except where the caption cannot tell its two objects apart. Unlike :func:`relation_swapped` the words
+    stay the same and only their order changes, so a text tower must bind each object to its side of the
+    relation word to tell the two apart.
+    """
+    m = _OBJECTS_RELATION_RE.match(caption)
+    if m is None:
+        return None
+    return f"{m['pre'] or ''}{m['b']} {m['rel']} {m['a']}{m['rest']}"
+
+
 STYLES: tuple[str, ...] = ("normal", "sketch", "noise", "palette")
 #: Scenes of 1, 2 and 3 objects. Version 3 raised single-object scenes from 40 to 60 %: where a caption names
 #: where *the* object is, the position words can be learned without first binding them to one of several

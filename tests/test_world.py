@@ -504,6 +504,31 @@ def test_relation_swapped_makes_a_false_caption():
     assert swapped > 50 and len(still_true) <= 0.1 * swapped, still_true
 
 
+def test_relation_objects_swapped_makes_a_false_caption():
+    assert (W.relation_objects_swapped("a violet ring left of an orange disc on a gradient background")
+            == "an orange disc left of a violet ring on a gradient background")
+    assert (W.relation_objects_swapped("a picture of a star beneath a ring, and a box in the top left.")
+            == "a picture of a ring beneath a star, and a box in the top left.")
+    assert (W.relation_objects_swapped("a tiny green diamond to the left of a green star.")
+            == "a green star to the left of a tiny green diamond.")
+    assert W.relation_objects_swapped("a red star in the top left") is None
+    cfg = W.WorldConfig()
+    rng = np.random.default_rng(5)
+    relations, swapped, still_true = 0, 0, []
+    for _ in range(1500):
+        scene = W.generate_scene(rng, cfg)
+        for cap in (W.describe(scene, rng, "full"), W.describe(scene, rng, "partial")):
+            relations += W.relation_swapped(cap) is not None
+            neg = W.relation_objects_swapped(cap)
+            if neg is not None:
+                swapped += 1
+                assert sorted(neg.replace(",", "").replace(".", "").split()) == sorted(cap.replace(",", "").replace(".", "").split())
+                if caption_true(neg, scene):
+                    still_true.append(neg)
+    # it parses most relation captions, and the swap is false except where the objects read alike
+    assert swapped > 0.8 * relations > 40 and len(still_true) <= 0.1 * swapped, still_true
+
+
 def test_world_config_validation():
     with pytest.raises(ValueError, match="web_sketch"):
         W.WorldConfig(web_sketch=0.6)
