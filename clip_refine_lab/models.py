@@ -351,7 +351,7 @@ def train_with_frozen_batch_norm(model: torch.nn.Module) -> int:
 
     Post-pre-training starts from a converged model and distils from a frozen copy of it: with batch
     statistics in train mode, a ModifiedResNet tower would compute different features than its eval-mode
-    teacher from step 0 (Self-KD would not be zero there) and a few hundred pairs would overwrite running
+    teacher from step 0 (Self-KD would not be zero there) and a few thousand pairs would overwrite running
     statistics estimated on the whole pre-training set. The affine weights still train. This is what
     open_clip's ``lock_image_tower(freeze_bn_stats=True)`` does for a locked tower. Returns how many layers
     it froze (0 for the ViTs, which have none).
