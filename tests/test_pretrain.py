@@ -1,0 +1,46 @@
+"""The embedded base model: its recipe, its cache key, and that a cached base is loaded, not re-trained."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from clip_refine_lab.pretrain import RECIPES, PretrainRecipe, base_checkpoint_path, pretrain_base
+
+
+def test_base_summary_records_the_recipe_and_its_hard_negatives(micro_base):
+    summary = json.loads(micro_base.with_suffix(".json").read_text())
+    assert summary["recipe"]["object_order_hard_negatives"] is True
+    # the micro world has two-object scenes with relation captions, so some captions got a swapped negative
+    assert 0 < summary["hard_negative_fraction"] < 0.5
+    assert set(summary["zero_shot"]) and 0 <= summary["gap"]["gap_l2"] <= 2
+
+
+def test_second_call_loads_instead_of_training(micro_base, monkeypatch):
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("pretrain_base trained again although the base is cached")
+
+    monkeypatch.setattr("clip_refine_lab.models.load_model", must_not_train)
+    monkeypatch.setattr("clip_refine_lab.world.build_world", must_not_train)
+    assert pretrain_base(world_preset="micro", progress=False) == micro_base
+
+
+def test_both_presets_use_object_order_hard_negatives():
+    # one recipe for the embedded base; the dataclass default stays plain CLIP (benchmarks build recipes bare)
+    assert all(r.object_order_hard_negatives for r in RECIPES.values())
+    assert not PretrainRecipe(epochs=1, batch_size=8, lr=1e-3).object_order_hard_negatives
+
+
+@pytest.mark.parametrize("field,value", [("lr", 1e-4), ("object_order_hard_negatives", False), ("seed", 1)])
+def test_recipe_changes_change_the_cache_key(field, value):
+    default = RECIPES["micro"]
+    assert base_checkpoint_path(world_preset="micro", recipe=replace(default, **{field: value})) != \
+        base_checkpoint_path(world_preset="micro", recipe=default)
+
+
+def test_switches_left_off_stay_out_of_the_key():
+    # a newly added off switch must not invalidate bases cached before it existed
+    plain = PretrainRecipe(epochs=6, batch_size=64, lr=2e-3, warmup_steps=10)
+    assert base_checkpoint_path(world_preset="micro", recipe=replace(plain, relation_hard_negatives=False)) == \
+        base_checkpoint_path(world_preset="micro", recipe=plain)
+    assert base_checkpoint_path(world_preset="micro") == base_checkpoint_path(world_preset="micro", recipe=RECIPES["micro"])
