@@ -14,7 +14,11 @@ reproduces that row. ``object_order_hard_negatives`` swaps the two objects inste
 red circle"); it lifted position and the position and count sketches off chance, relation not (same README
 section), and it is part of both presets' recipes (:data:`RECIPES`). The dataclass default stays off, so
 a recipe built field by field (``benchmarks/pretrain_recipes.py``) is plain CLIP unless it asks for them;
-the switch is in the cache key only when on, so bases cached before it existed stay valid. The result is cached under
+the switch is in the cache key only when on, so bases cached before it existed stay valid.
+``relation_axis_hard_negatives`` (off; an experiment for the relation task) adds a second negative to a
+relation caption whose scene has all objects in one row (or column): the relation moved to the other
+axis ("left of" -> "above", :func:`~clip_refine_lab.world.relation_axis_swapped`), false of that scene.
+It reads the scene metadata of the web records, so it skips mismatched captions. The result is cached under
 ``<cache dir>/base/<arch>-<key>.safetensors`` (key = world + architecture + recipe), written
 atomically with a JSON summary beside it; a second call loads instead of retraining.
 """
@@ -47,6 +51,7 @@ class PretrainRecipe:
     logit_scale_init: float | None = None  # initial exp(logit_scale); None = open_clip's 1/0.07
     relation_hard_negatives: bool = False  # add each relation caption, relation words swapped, as a negative
     object_order_hard_negatives: bool = False  # ... or with its two objects swapped (takes precedence)
+    relation_axis_hard_negatives: bool = False  # also its relation moved to the other axis, where the scene allows
 
     def lr_at(self, step: int, total: int) -> float:
         """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total`` steps."""
@@ -87,7 +92,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     from .losses import hard_negative_contrastive_loss
     from .models import ModelSpec, load_model, save_checkpoint
     from .train import fused_adamw_available
-    from .world import WorldConfig, build_world, relation_objects_swapped, relation_swapped
+    from .world import WorldConfig, build_world, relation_axis_swapped, relation_objects_swapped, relation_swapped
 
     preset = PRESETS[preset_name(world_preset)]
     arch = arch or preset.model
@@ -106,11 +111,21 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     tokens = loaded.tokenizer(captions)
     make_negative = (relation_objects_swapped if recipe.object_order_hard_negatives
                      else relation_swapped if recipe.relation_hard_negatives else None)
-    swapped = [make_negative(c) if make_negative else None for c in captions]
-    negative_row = torch.full((len(captions),), -1, dtype=torch.long)  # row of a caption's negative in negative_tokens
-    has_negative = [i for i, c in enumerate(swapped) if c is not None]
-    negative_row[has_negative] = torch.arange(len(has_negative))
-    negative_tokens = loaded.tokenizer([swapped[i] for i in has_negative]) if has_negative else tokens[:0]
+    negatives = [[make_negative(c)] if make_negative else [] for c in captions]
+    if recipe.relation_axis_hard_negatives:
+        # needs the scene: a mismatched web caption describes another scene, so it gets no axis negative
+        for negs, r in zip(negatives, records):
+            scene = r.meta.get("meta", {})
+            if scene.get("noise") != "mismatched":
+                negs.append(relation_axis_swapped(r.captions[0], scene.get("objects", [])))
+    negatives = [[n for n in negs if n is not None] for negs in negatives]
+    # caption i's negatives are rows negative_start[i]:negative_start[i + 1] of negative_tokens
+    negative_start = [0]
+    for negs in negatives:
+        negative_start.append(negative_start[-1] + len(negs))
+    flat = [n for negs in negatives for n in negs]
+    negative_tokens = loaded.tokenizer(flat) if flat else tokens[:0]
+    has_negative = [i for i, negs in enumerate(negatives) if negs]
     mean, std = loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"]
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not the fixed sin-cos table
@@ -135,8 +150,8 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
             for g in opt.param_groups:
                 g["lr"] = lr
             x = normalize_uint8(images[idx], mean, std).to(device)
-            rows = negative_row[idx]
-            rows = rows[rows >= 0]
+            rows = torch.tensor([j for i in idx.tolist() for j in range(negative_start[i], negative_start[i + 1])],
+                                dtype=torch.long)
             # one text forward for the batch's captions and their hard negatives
             text = model.encode_text(torch.cat([tokens[idx], negative_tokens[rows]]).to(device))
             image = model.encode_image(x)
@@ -156,7 +171,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     spec = ModelSpec(arch, "embedded", False, loaded.spec.preprocess)
     summary = summarize_base(loaded, world, device=device, progress=progress)
     summary.update(arch=arch, world=str(world.root), recipe=asdict(recipe), train_seconds=round(time.time() - start, 1),
-                   hard_negative_fraction=round(len(has_negative) / len(captions), 4),
+                   hard_negative_fraction=round(len(has_negative) / len(captions), 4), hard_negatives=len(flat),
                    final_loss=float(loss.item()), logit_scale=float(model.logit_scale.exp().item()))
     save_checkpoint(model, path, spec, summary=json.dumps(summary))
     atomic_write_json(path.with_suffix(".json"), summary)

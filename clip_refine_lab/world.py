@@ -197,6 +197,33 @@ def relation_objects_swapped(caption: str) -> str | None:
     return f"{m['pre'] or ''}{m['b']} {m['rel']} {m['a']}{m['rest']}"
 
 
+
+#: The relation word a cross-axis negative uses in place of each relation ("left of" -> "above").
+CROSS_AXIS_RELATION: dict[str, str] = {"left": "above", "right": "below", "above": "left", "below": "right"}
+_RELATION_OF_WORD: dict[str, str] = {w: r for r, ws in RELATION_WORDS.items() for w in ws}
+
+
+def relation_axis_swapped(caption: str, objects: list[dict]) -> str | None:
+    """``caption`` with its relation moved to the other axis, when the scene makes that false; else None.
+
+    "a violet ring left of an orange disc" -> "a violet ring above an orange disc", but only if every object
+    of the scene (``objects``: the scene metadata's objects with their grid cells) sits in one row, so that
+    no object is above or below another; likewise a vertical relation becomes horizontal only when every
+    object sits in one column. Diagonal pairs, where "left of" and "above" can both hold, get no negative.
+    Unlike :func:`relation_swapped` (within an axis) this contrasts the two axes, which the image features
+    do not separate linearly (README, "The embedded world and base model", diagnostics).
+    """
+    m = _OBJECTS_RELATION_RE.match(caption)
+    if m is None or len(objects) < 2:
+        return None
+    relation = _RELATION_OF_WORD[m["rel"]]
+    horizontal = relation in ("left", "right")
+    axis = 0 if horizontal else 1  # cell = (row, col): a horizontal relation needs one shared row
+    if len({o["cell"][axis] for o in objects}) != 1:
+        return None
+    word = RELATION_WORDS[CROSS_AXIS_RELATION[relation]][0]
+    return f"{m['pre'] or ''}{m['a']} {word} {m['b']}{m['rest']}"
+
 STYLES: tuple[str, ...] = ("normal", "sketch", "noise", "palette")
 #: Scenes of 1, 2 and 3 objects. Version 3 raised single-object scenes from 40 to 60 %: where a caption names
 #: where *the* object is, the position words can be learned without first binding them to one of several

@@ -44,3 +44,17 @@ def test_switches_left_off_stay_out_of_the_key():
     assert base_checkpoint_path(world_preset="micro", recipe=replace(plain, relation_hard_negatives=False)) == \
         base_checkpoint_path(world_preset="micro", recipe=plain)
     assert base_checkpoint_path(world_preset="micro") == base_checkpoint_path(world_preset="micro", recipe=RECIPES["micro"])
+
+
+def test_relation_axis_negatives_add_to_the_object_order_ones(micro_base, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIP_REFINE_LAB_CACHE", str(tmp_path))  # a fresh cache: the micro world is rebuilt there
+    recipe = replace(RECIPES["micro"], epochs=1, relation_axis_hard_negatives=True)
+    path = pretrain_base(world_preset="micro", recipe=recipe, progress=False)
+    both = json.loads(path.with_suffix(".json").read_text())
+    plain = json.loads(micro_base.with_suffix(".json").read_text())
+    assert both["recipe"]["relation_axis_hard_negatives"] is True
+    # every object-order negative is still there, plus one per caption whose scene has all objects in one row
+    # (or column); an axis negative needs the same caption form as an object-order one, so the captions that
+    # have negatives are the same
+    assert both["hard_negatives"] > plain["hard_negatives"] >= 1
+    assert both["hard_negative_fraction"] == plain["hard_negative_fraction"]

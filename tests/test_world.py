@@ -529,6 +529,31 @@ def test_relation_objects_swapped_makes_a_false_caption():
     assert swapped > 0.8 * relations > 40 and len(still_true) <= 0.1 * swapped, still_true
 
 
+
+def test_relation_axis_swapped_is_false_of_the_scene_and_skips_diagonal_pairs():
+    row = [{"cell": [1, 0]}, {"cell": [1, 2]}]
+    column = [{"cell": [0, 1]}, {"cell": [2, 1]}]
+    diagonal = [{"cell": [0, 0]}, {"cell": [2, 2]}]
+    assert W.relation_axis_swapped("a violet ring left of an orange disc.", row) == "a violet ring above an orange disc."
+    assert (W.relation_axis_swapped("a picture of a star beneath a ring on a dotted background", column)
+            == "a picture of a star right of a ring on a dotted background")
+    assert W.relation_axis_swapped("a violet ring left of an orange disc", diagonal) is None
+    assert W.relation_axis_swapped("a star above a ring", row) is None  # a vertical relation needs one column
+    assert W.relation_axis_swapped("a red star in the top left", row) is None
+    cfg = W.WorldConfig()
+    rng = np.random.default_rng(7)
+    negatives, wrong = 0, []
+    for _ in range(3000):
+        scene = W.generate_scene(rng, cfg)
+        for cap in (W.describe(scene, rng, "full"), W.describe(scene, rng, "partial")):
+            neg = W.relation_axis_swapped(cap, scene["objects"])
+            if neg is not None:
+                negatives += 1
+                if caption_true(neg, scene):
+                    wrong.append(neg)
+    # objects sharing one row or column can be told apart or not: the negative is false either way
+    assert negatives > 20 and not wrong, wrong
+
 def test_world_config_validation():
     with pytest.raises(ValueError, match="web_sketch"):
         W.WorldConfig(web_sketch=0.6)
