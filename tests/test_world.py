@@ -484,6 +484,16 @@ def test_web_styles(built):
         assert np.abs(img - img.mean(axis=2, keepdims=True)).max() < 1.0 and (img > 250).mean() > 0.5
 
 
+def full_and_partial_captions(seed: int, scenes: int):
+    """(scene, caption) for a full and a partial caption of each of ``scenes`` random default-world scenes."""
+    cfg = W.WorldConfig()
+    rng = np.random.default_rng(seed)
+    for _ in range(scenes):
+        scene = W.generate_scene(rng, cfg)
+        for cap in (W.describe(scene, rng, "full"), W.describe(scene, rng, "partial")):
+            yield scene, cap
+
+
 def test_relation_swapped_makes_a_false_caption():
     assert W.relation_swapped("a red circle to the left of a blue star") == "a red circle to the right of a blue star"
     assert W.relation_swapped("a star beneath a ring, and a box in the top left.") == "a star above a ring, and a box in the top left."
@@ -540,17 +550,13 @@ def test_relation_axis_swapped_is_false_of_the_scene_and_skips_diagonal_pairs():
     assert W.relation_axis_swapped("a violet ring left of an orange disc", diagonal) is None
     assert W.relation_axis_swapped("a star above a ring", row) is None  # a vertical relation needs one column
     assert W.relation_axis_swapped("a red star in the top left", row) is None
-    cfg = W.WorldConfig()
-    rng = np.random.default_rng(7)
     negatives, wrong = 0, []
-    for _ in range(3000):
-        scene = W.generate_scene(rng, cfg)
-        for cap in (W.describe(scene, rng, "full"), W.describe(scene, rng, "partial")):
-            neg = W.relation_axis_swapped(cap, scene["objects"])
-            if neg is not None:
-                negatives += 1
-                if caption_true(neg, scene):
-                    wrong.append(neg)
+    for scene, cap in full_and_partial_captions(seed=7, scenes=3000):
+        neg = W.relation_axis_swapped(cap, scene["objects"])
+        if neg is not None:
+            negatives += 1
+            if caption_true(neg, scene):
+                wrong.append(neg)
     # objects sharing one row or column can be told apart or not: the negative is false either way
     assert negatives > 20 and not wrong, wrong
 
