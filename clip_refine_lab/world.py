@@ -197,7 +197,6 @@ def relation_objects_swapped(caption: str) -> str | None:
     return f"{m['pre'] or ''}{m['b']} {m['rel']} {m['a']}{m['rest']}"
 
 
-
 #: The relation word a cross-axis negative uses in place of each relation ("left of" -> "above").
 CROSS_AXIS_RELATION: dict[str, str] = {"left": "above", "right": "below", "above": "left", "below": "right"}
 _RELATION_OF_WORD: dict[str, str] = {w: r for r, ws in RELATION_WORDS.items() for w in ws}
@@ -223,6 +222,7 @@ def relation_axis_swapped(caption: str, objects: list[dict]) -> str | None:
         return None
     word = RELATION_WORDS[CROSS_AXIS_RELATION[relation]][0]
     return f"{m['pre'] or ''}{m['a']} {word} {m['b']}{m['rest']}"
+
 
 STYLES: tuple[str, ...] = ("normal", "sketch", "noise", "palette")
 #: Scenes of 1, 2 and 3 objects. Version 3 raised single-object scenes from 40 to 60 %: where a caption names
