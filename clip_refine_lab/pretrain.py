@@ -25,6 +25,7 @@ atomically with a JSON summary beside it; a second call loads instead of retrain
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -111,21 +112,20 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     tokens = loaded.tokenizer(captions)
     make_negative = (relation_objects_swapped if recipe.object_order_hard_negatives
                      else relation_swapped if recipe.relation_hard_negatives else None)
-    negatives = [[make_negative(c)] if make_negative else [] for c in captions]
-    if recipe.relation_axis_hard_negatives:
-        # needs the scene: a mismatched web caption describes another scene, so it gets no axis negative
-        for negs, r in zip(negatives, records):
-            scene = r.meta.get("meta", {})
-            if scene.get("noise") != "mismatched":
-                negs.append(relation_axis_swapped(r.captions[0], scene.get("objects", [])))
-    negatives = [[n for n in negs if n is not None] for negs in negatives]
+
+    def hard_negatives(record) -> list[str]:
+        caption, scene = record.captions[0], record.meta.get("meta", {})
+        negatives = [make_negative(caption)] if make_negative else []
+        # the axis negative needs the scene, which a mismatched web caption does not describe
+        if recipe.relation_axis_hard_negatives and scene.get("noise") != "mismatched":
+            negatives.append(relation_axis_swapped(caption, scene.get("objects", [])))
+        return [n for n in negatives if n is not None]
+
+    negatives = [hard_negatives(r) for r in records]
     # caption i's negatives are rows negative_start[i]:negative_start[i + 1] of negative_tokens
-    negative_start = [0]
-    for negs in negatives:
-        negative_start.append(negative_start[-1] + len(negs))
+    negative_start = list(itertools.accumulate(map(len, negatives), initial=0))
     flat = [n for negs in negatives for n in negs]
     negative_tokens = loaded.tokenizer(flat) if flat else tokens[:0]
-    has_negative = [i for i, negs in enumerate(negatives) if negs]
     mean, std = loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"]
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not the fixed sin-cos table
@@ -171,7 +171,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     spec = ModelSpec(arch, "embedded", False, loaded.spec.preprocess)
     summary = summarize_base(loaded, world, device=device, progress=progress)
     summary.update(arch=arch, world=str(world.root), recipe=asdict(recipe), train_seconds=round(time.time() - start, 1),
-                   hard_negative_fraction=round(len(has_negative) / len(captions), 4), hard_negatives=len(flat),
+                   hard_negative_fraction=round(sum(map(bool, negatives)) / len(captions), 4), hard_negatives=len(flat),
                    final_loss=float(loss.item()), logit_scale=float(model.logit_scale.exp().item()))
     save_checkpoint(model, path, spec, summary=json.dumps(summary))
     atomic_write_json(path.with_suffix(".json"), summary)

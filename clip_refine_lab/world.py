@@ -176,9 +176,10 @@ BACKGROUND_NAMES: dict[str, str] = {
 #: Optional caption openings (words outside the attribute vocabulary; they carry no claim).
 CAPTION_PREFIXES: tuple[str, ...] = ("a photo of", "an image of", "a rendering of", "a picture of", "a drawing of")
 
+_RELATION_OF_WORD: dict[str, str] = {w: r for r, ws in RELATION_WORDS.items() for w in ws}
 _OBJECTS_RELATION_RE = re.compile(
     r"^(?P<pre>(?:" + "|".join(CAPTION_PREFIXES) + r") )?(?P<a>an? .+?) (?P<rel>"
-    + "|".join(sorted({w for ws in RELATION_WORDS.values() for w in ws}, key=len, reverse=True))
+    + "|".join(sorted(_RELATION_OF_WORD, key=len, reverse=True))
     + r") (?P<b>an? .+?)(?P<rest>(?: on an? [a-z ]+ background)?(?:, and .*)?\.?)$")
 
 
@@ -199,7 +200,6 @@ def relation_objects_swapped(caption: str) -> str | None:
 
 #: The relation word a cross-axis negative uses in place of each relation ("left of" -> "above").
 CROSS_AXIS_RELATION: dict[str, str] = {"left": "above", "right": "below", "above": "left", "below": "right"}
-_RELATION_OF_WORD: dict[str, str] = {w: r for r, ws in RELATION_WORDS.items() for w in ws}
 
 
 def relation_axis_swapped(caption: str, objects: list[dict]) -> str | None:
@@ -216,8 +216,7 @@ def relation_axis_swapped(caption: str, objects: list[dict]) -> str | None:
     if m is None or len(objects) < 2:
         return None
     relation = _RELATION_OF_WORD[m["rel"]]
-    horizontal = relation in ("left", "right")
-    axis = 0 if horizontal else 1  # cell = (row, col): a horizontal relation needs one shared row
+    axis = 0 if relation in ("left", "right") else 1  # cell = (row, col): a horizontal relation needs one row
     if len({o["cell"][axis] for o in objects}) != 1:
         return None
     word = RELATION_WORDS[CROSS_AXIS_RELATION[relation]][0]

@@ -46,8 +46,7 @@ def test_switches_left_off_stay_out_of_the_key():
     assert base_checkpoint_path(world_preset="micro") == base_checkpoint_path(world_preset="micro", recipe=RECIPES["micro"])
 
 
-def test_relation_axis_negatives_add_to_the_object_order_ones(micro_base, tmp_path, monkeypatch):
-    monkeypatch.setenv("CLIP_REFINE_LAB_CACHE", str(tmp_path))  # a fresh cache: the micro world is rebuilt there
+def test_relation_axis_negatives_add_to_the_object_order_ones(micro_base):
     recipe = replace(RECIPES["micro"], epochs=1, relation_axis_hard_negatives=True)
     path = pretrain_base(world_preset="micro", recipe=recipe, progress=False)
     both = json.loads(path.with_suffix(".json").read_text())
