@@ -198,29 +198,50 @@ def relation_objects_swapped(caption: str) -> str | None:
     return f"{m['pre'] or ''}{m['b']} {m['rel']} {m['a']}{m['rest']}"
 
 
-#: The relation word a cross-axis negative uses in place of each relation ("left of" -> "above").
-CROSS_AXIS_RELATION: dict[str, str] = {"left": "above", "right": "below", "above": "left", "below": "right"}
+#: The relations on the other axis, in the order a cross-axis negative tries them ("left of" -> "above", else
+#: "below").
+CROSS_AXIS_RELATIONS: dict[str, tuple[str, str]] = {
+    "left": ("above", "below"), "right": ("below", "above"), "above": ("left", "right"), "below": ("right", "left"),
+}
+# For each attribute, one regex per value matching its words: a phrase naming another value's word cannot
+# describe an object of this value. No word belongs to two values ("round disc" and "disc" are both circles).
+_ATTRIBUTE_WORD_RES: dict[str, dict[str, re.Pattern]] = {
+    attr: {value: re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, words), key=len, reverse=True)) + r")\b")
+           for value, words in table.items()}
+    for attr, table in (("colour", COLOUR_WORDS), ("size", SIZE_WORDS),
+                        ("shape", {s: tuple(w for pair in ws for w in pair) for s, ws in SHAPE_WORDS.items()}))
+}
+
+
+def _phrase_may_name(phrase: str, obj: dict) -> bool:
+    """Whether the object phrase ``phrase`` ("a small red disc") can describe ``obj`` (scene metadata): it names
+    no colour, size or shape other than the object's. An attribute missing from ``obj`` contradicts nothing."""
+    return not any(value != obj.get(attr) and obj.get(attr) is not None and regex.search(phrase)
+                   for attr, table in _ATTRIBUTE_WORD_RES.items() for value, regex in table.items())
 
 
 def relation_axis_swapped(caption: str, objects: list[dict]) -> str | None:
-    """``caption`` with its relation moved to the other axis, when the scene makes that false; else None.
+    """``caption`` with its relation moved to the other axis, where the scene makes that false; else None.
 
-    "a violet ring left of an orange disc" -> "a violet ring above an orange disc", but only if every object
-    of the scene (``objects``: the scene metadata's objects with their grid cells) sits in one row, so that
-    no object is above or below another; likewise a vertical relation becomes horizontal only when every
-    object sits in one column. Diagonal pairs, where "left of" and "above" can both hold, get no negative.
-    Unlike :func:`relation_swapped` (within an axis) this contrasts the two axes, which the image features
-    do not separate linearly (README, "The embedded world and base model", diagnostics).
+    "a violet ring left of an orange disc" -> "a violet ring above an orange disc" when the ring is level with
+    or below the disc, "... below ..." when it is above it (``objects``: the scene metadata's objects with their
+    attributes and grid cells). The negative must be false for every pair of objects the two phrases could
+    name: with two stars, "a star above a ring" gets no "left of" negative if either star is left of the ring.
+    A scene the phrases do not fit (a mismatched caption) gets None. Unlike :func:`relation_swapped` (within an
+    axis) this contrasts the two axes, which the image features do not separate linearly (README, "The
+    embedded world and base model", diagnostics).
     """
     m = _OBJECTS_RELATION_RE.match(caption)
     if m is None or len(objects) < 2:
         return None
-    relation = _RELATION_OF_WORD[m["rel"]]
-    axis = 0 if relation in ("left", "right") else 1  # cell = (row, col): a horizontal relation needs one row
-    if len({o["cell"][axis] for o in objects}) != 1:
+    pairs = [(a, b) for a in objects if _phrase_may_name(m["a"], a)
+             for b in objects if b is not a and _phrase_may_name(m["b"], b)]
+    if not pairs:
         return None
-    word = RELATION_WORDS[CROSS_AXIS_RELATION[relation]][0]
-    return f"{m['pre'] or ''}{m['a']} {word} {m['b']}{m['rest']}"
+    for relation in CROSS_AXIS_RELATIONS[_RELATION_OF_WORD[m["rel"]]]:
+        if not any(relation_holds(relation, a, b) for a, b in pairs):
+            return f"{m['pre'] or ''}{m['a']} {RELATION_WORDS[relation][0]} {m['b']}{m['rest']}"
+    return None
 
 
 STYLES: tuple[str, ...] = ("normal", "sketch", "noise", "palette")

@@ -146,7 +146,7 @@ def test_yaml_numbers_and_files(tmp_path):
         sw.load_spec(bad)
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "quick.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "diagnostics.yaml", "quick.yaml", "embedded_defaults.yaml"])
 def test_shipped_specs_are_valid(name, tmp_path):
     spec = sw.load_spec(ROOT / "sweeps" / name)
     runs = sw.expand(spec, tmp_path)
@@ -162,6 +162,9 @@ def test_shipped_specs_are_valid(name, tmp_path):
         assert {r.config.model for r in runs if r.table == "backbone"} >= {"tiny-vit-deep-48", "tiny-rn-48"}
         big = [r for r in runs if r.table == "batch" and r.config.batch_size > 256]
         assert big and all(r.config.accum_steps > 1 for r in big)
+        assert (sw.plan(spec, tmp_path).steps > 0).all()  # no filtered set: every step count known before running
+    if name == "diagnostics.yaml":
+        assert {b.name for b in spec.blocks} == {"lr", "narrow", "narrow-position"}
         plan = sw.plan(spec, tmp_path)
         # steps are known before running, except on sets filtered by scene attributes (known once written)
         filtered = [r.data_ref is not None and bool(r.data_ref.where) for r in runs]

@@ -540,25 +540,35 @@ def test_relation_objects_swapped_makes_a_false_caption():
 
 
 
-def test_relation_axis_swapped_is_false_of_the_scene_and_skips_diagonal_pairs():
+def test_relation_axis_swapped_is_false_for_every_pair_the_phrases_can_name():
     row = [{"cell": [1, 0]}, {"cell": [1, 2]}]
     column = [{"cell": [0, 1]}, {"cell": [2, 1]}]
-    diagonal = [{"cell": [0, 0]}, {"cell": [2, 2]}]
+    ring = {"cell": [0, 0], "colour": "purple", "shape": "ring"}
+    disc = {"cell": [2, 2], "colour": "orange", "shape": "circle"}
     assert W.relation_axis_swapped("a violet ring left of an orange disc.", row) == "a violet ring above an orange disc."
     assert (W.relation_axis_swapped("a picture of a star beneath a ring on a dotted background", column)
             == "a picture of a star right of a ring on a dotted background")
-    assert W.relation_axis_swapped("a violet ring left of an orange disc", diagonal) is None
-    assert W.relation_axis_swapped("a star above a ring", row) is None  # a vertical relation needs one column
+    # a diagonal pair: the ring is above the disc, so the false cross-axis relation is "below"
+    assert W.relation_axis_swapped("a violet ring left of an orange disc", [ring, disc]) == "a violet ring below an orange disc"
+    # ... but phrases that cannot tell the objects apart would make it true of the pair read the other way round
+    assert W.relation_axis_swapped("a violet ring left of an orange disc", [{"cell": [0, 0]}, {"cell": [2, 2]}]) is None
+    # a second star left of the ring makes "a star left of a ring" true, whichever star the caption meant
+    stars = [{"cell": [0, 1], "shape": "star"}, {"cell": [1, 0], "shape": "star"}, {"cell": [1, 1], "shape": "ring"}]
+    assert W.relation_axis_swapped("a star above a ring", stars) == "a star right of a ring"
+    assert W.relation_axis_swapped("a star above a ring", stars + [{"cell": [1, 2], "shape": "star"}]) is None
+    assert W.relation_axis_swapped("a violet ring left of an orange disc", [disc, dict(disc, cell=[0, 2])]) is None  # no ring
     assert W.relation_axis_swapped("a red star in the top left", row) is None
-    negatives, wrong = 0, []
+    relations, negatives, wrong = 0, 0, []
     for scene, cap in full_and_partial_captions(seed=7, scenes=3000):
+        relations += W.relation_objects_swapped(cap) is not None
         neg = W.relation_axis_swapped(cap, scene["objects"])
         if neg is not None:
             negatives += 1
             if caption_true(neg, scene):
                 wrong.append(neg)
-    # objects sharing one row or column can be told apart or not: the negative is false either way
-    assert negatives > 20 and not wrong, wrong
+    # almost every relation caption gets one (diagonal pairs included), and none is true of its scene
+    assert negatives > 0.9 * relations and relations > 100 and not wrong, (relations, negatives, wrong)
+
 
 def test_world_config_validation():
     with pytest.raises(ValueError, match="web_sketch"):
