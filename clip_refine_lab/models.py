@@ -346,6 +346,32 @@ def use_sdpa_attention(model: torch.nn.Module) -> int:
     return n
 
 
+def encode_text_trimmed(model: torch.nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(text)``, with the padding columns after the batch's longest caption left out.
+
+    open_clip's CLIP text tower runs under a causal mask and pools at the end-of-text token (``argmax``/
+    ``eos``) or the first one, so no output it pools depends on a later column: dropping the trailing
+    columns that are padding (token 0) in every row gives the same features up to float summation order, at
+    the cost of the captions actually present (web alt-text averages 13 of the tiny models' 32 tokens).
+    Other text towers (custom/HF text, ``last`` pooling, no causal mask) take the plain ``encode_text``."""
+    from open_clip.model import CLIP
+    from open_clip.transformer import text_global_pool
+
+    used = (text != 0).any(0).nonzero()
+    if (type(model) is not CLIP or model.attn_mask is None or getattr(model, "text_pool_type", None)
+            not in ("argmax", "eos", "first") or len(used) == 0):
+        return model.encode_text(text)
+    n = int(used[-1]) + 1
+    text = text[:, :n]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
+
+
 def train_with_frozen_batch_norm(model: torch.nn.Module) -> int:
     """``model.train()``, but every batch-norm layer keeps using (and no longer updates) its running statistics.
 

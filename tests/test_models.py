@@ -117,3 +117,32 @@ def test_channels_last_only_for_convolutional_towers():
     assert use_channels_last(rn) is True
     conv = next(m for m in rn.visual.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_trimmed_text_encoding_matches_encode_text_and_its_gradients(sdpa):
+    """The pre-training text forward drops trailing padding columns: same features and gradients as
+    open_clip's encode_text over the full context (causal mask, pooling at the end-of-text token)."""
+    import copy
+
+    from clip_refine_lab.models import encode_text_trimmed, use_sdpa_attention
+
+    torch.manual_seed(0)
+    model = load_model("micro-vit-32").model.train()
+    if sdpa:
+        use_sdpa_attention(model)
+    tokens = open_clip.get_tokenizer("micro-vit-32")(["a red circle", "two blue stars left of a big yellow square", "a"])
+    assert (tokens[:, -4:] == 0).all()  # there is padding to drop
+    twin = copy.deepcopy(model)
+    full, trimmed = model.encode_text(tokens), encode_text_trimmed(twin, tokens)
+    torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-5)
+    full.square().sum().backward()
+    trimmed.square().sum().backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    largest = max(g.abs().max().item() for g in grads.values())
+    for k, p in twin.named_parameters():
+        if k in grads:
+            assert (p.grad - grads[k]).abs().max().item() <= 1e-5 * largest, k
+    # a batch without padding columns to drop takes the same path as encode_text
+    full_rows = torch.randint(1, 1000, (2, tokens.shape[1]))
+    torch.testing.assert_close(encode_text_trimmed(model, full_rows), model.encode_text(full_rows))
