@@ -172,10 +172,12 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
     bar.close()
+    train_seconds = round(time.time() - start, 1)
     model.eval()
     spec = ModelSpec(arch, "embedded", False, loaded.spec.preprocess)
     summary = summarize_base(loaded, world, device=device, progress=progress)
-    summary.update(arch=arch, world=str(world.root), recipe=asdict(recipe), train_seconds=round(time.time() - start, 1),
+    summary.update(arch=arch, world=str(world.root), recipe=asdict(recipe), train_seconds=train_seconds,
+                   evaluate_seconds=round(time.time() - start - train_seconds, 1),
                    hard_negative_fraction=round(sum(map(bool, negatives)) / len(captions), 4), hard_negatives=len(flat),
                    final_loss=float(loss.item()), logit_scale=float(model.logit_scale.exp().item()))
     save_checkpoint(model, path, spec, summary=json.dumps(summary))
@@ -209,7 +211,8 @@ def summarize_base(loaded, world, *, device: str = "cpu", progress: bool = True)
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"base model {summary.get('arch')}: trained in {summary.get('train_seconds')} s, "
+    evaluated = f" (+ {summary['evaluate_seconds']} s for this summary)" if "evaluate_seconds" in summary else ""
+    lines = [f"base model {summary.get('arch')}: trained in {summary.get('train_seconds')} s{evaluated}, "
              f"logit scale {summary.get('logit_scale', float('nan')):.1f}",
              f"modality gap ||delta|| = {summary['gap']['gap_l2']:.3f} (real CLIP ViT-B/32 on COCO: ~0.82)",
              f"{'task':<28}{'top-1':>8}{'chance':>8}"]

@@ -140,6 +140,10 @@ def test_base_diagnostics_reports_probes_text_and_learnability(runs):
     assert all(0 <= p["probe_top1"] <= 100 and p["chance"] > 0 for p in result["probes"])
     assert [t["group"] for t in result["text"]] == ["positions", "shapes", "colours", "relations"]
     assert all(-1 - 1e-6 <= t["min_cosine"] <= t["mean_cosine"] <= 1 + 1e-6 for t in result["text"])
+    named, training = result["relation_binding"]["named_shapes"], result["relation_binding"]["training_captions"]
+    assert 0 <= named["top1"] <= 100 and sum(named["predicted"].values()) > 0
+    assert training["captions"] == 0 or all(0 <= training[k] <= 100
+                                            for k in ("objects_swapped", "axis_swapped", "relation_swapped"))
     sup = result["supervised"]
     assert sup["steps"] == 3 and sup["train_images"] > 0
     assert 0 <= sup["shape_top1"] <= 100 and 0 <= sup["position_top1"] <= 100
