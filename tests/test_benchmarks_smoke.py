@@ -40,6 +40,7 @@ SCRIPTS = {  # script -> its smallest settings (each also gets --json)
     "pretrain_recipes.py": ["--world", "micro", "--threads", "1", "micro-vit-32:1:64:2e-3",
                             "micro-vit-32:1:64:2e-3:logit_scale_init=50:relation_hard_negatives=true"],
     "base_diagnostics.py": ["--world", "micro", "--threads", "1", "--supervised-steps", "3"],
+    "bench_pretrain.py": ["--quick", "--threads", "1", "--batch-size", "16"],
 }
 
 
@@ -148,3 +149,10 @@ def test_base_diagnostics_reports_probes_text_and_learnability(runs):
     assert sup["steps"] == 3 and sup["train_images"] > 0
     assert 0 <= sup["shape_top1"] <= 100 and 0 <= sup["position_top1"] <= 100
     assert "linear probe" in stdout and "supervised learnability" in stdout
+
+
+def test_bench_pretrain_compares_the_three_step_forms(runs):
+    stdout, rows = _result(runs, "bench_pretrain.py")
+    assert [r["form"] for r in rows] == ["v2", "sdpa", "v3"]
+    assert all(r["step_ms"] > 0 and r["speedup"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+    assert "text columns used" in stdout

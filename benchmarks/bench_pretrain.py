@@ -1,0 +1,128 @@
+"""Base pre-training step, PRETRAIN_VERSION 2 against 3: what the SDPA path and the trimmed text tower buy.
+
+One step of :func:`clip_refine_lab.pretrain.pretrain_base`'s loop (text forward of the batch's web captions
+and their object-order hard negatives, image forward, the hard-negative contrastive loss, backward, fused
+AdamW) in three forms, interleaved round by round on the same batches:
+
+- ``v2``: open_clip's ``nn.MultiheadAttention`` and ``encode_text`` over the full context (version 2);
+- ``sdpa``: the SDPA attention path only;
+- ``v3``: SDPA and :func:`clip_refine_lab.models.encode_text_trimmed` (the text tower up to the batch's
+  longest caption), as ``pretrain_base`` trains now.
+
+All three start from the same random weights (speed does not depend on them). The table gives the median
+step time per form and the median of the per-round ratios against ``v2``.
+
+Usage::
+
+    python benchmarks/bench_pretrain.py                 # tiny-vit-48, batch 256, 5 rounds (~1 min on 2 cores)
+    python benchmarks/bench_pretrain.py --quick         # smoke test: micro world and model, 1 round
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from bench_refine import describe_machine, format_table, machine_info, setup_environment  # noqa: E402
+
+FORMS = ("v2", "sdpa", "v3")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", default="default", choices=("default", "micro"))
+    p.add_argument("--arch", default=None, help="tiny architecture (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's recipe")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per form and round")
+    p.add_argument("--quick", action="store_true", help="micro world, 1 round of 1 step")
+    p.add_argument("--cache", default=None, help="CLIP_REFINE_LAB_CACHE to use (default: the usual one)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.world, args.rounds, args.steps = "micro", 1, 1
+    setup_environment(args.cache, args.threads)
+
+    import torch
+
+    from clip_refine_lab.config import PRESETS
+    from clip_refine_lab.data import load_manifest
+    from clip_refine_lab.features import decode_images, normalize_uint8
+    from clip_refine_lab.losses import hard_negative_contrastive_loss
+    from clip_refine_lab.models import encode_text_trimmed, load_model, use_sdpa_attention
+    from clip_refine_lab.pretrain import RECIPES
+    from clip_refine_lab.world import WorldConfig, build_world, relation_objects_swapped
+
+    preset = PRESETS[args.world]
+    arch = args.arch or preset.model
+    batch = args.batch_size or RECIPES[preset.name].batch_size
+    print(f"# bench_pretrain on cpu: {describe_machine(machine_info('cpu'))}", flush=True)
+    world = build_world(WorldConfig.preset(preset.world), progress=False)
+    records = load_manifest(world.manifest("synthetic-web")).records()
+    torch.manual_seed(0)
+    loaded = load_model(arch, None)
+    size = loaded.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    n = min(len(records), batch * (args.steps + 1))
+    images = decode_images(records[:n], size, progress=False)
+    mean, std = loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"]
+    captions = [r.captions[0] for r in records[:n]]
+    negatives = [relation_objects_swapped(c) for c in captions]
+    batches = []  # (images, caption + negative tokens), the same for every form
+    for b in range(n // batch):
+        sl = slice(b * batch, (b + 1) * batch)
+        texts = captions[sl] + [x for x in negatives[sl] if x]
+        batches.append((normalize_uint8(images[sl], mean, std), loaded.tokenizer(texts)))
+
+    models = {}
+    for form in FORMS:
+        model = copy.deepcopy(loaded.model).train()
+        if form != "v2":
+            use_sdpa_attention(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        encode = encode_text_trimmed if form == "v3" else type(model).encode_text
+        models[form] = (model, opt, encode)
+
+    def step(form, x, tokens):
+        model, opt, encode = models[form]
+        text = encode(model, tokens)
+        loss = hard_negative_contrastive_loss(model.encode_image(x), text[:len(x)], text[len(x):], model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for form in FORMS:  # warm-up: one untimed step each
+        step(form, *batches[0])
+    times = {f: [] for f in FORMS}
+    for _ in range(args.rounds):
+        for form in FORMS:
+            t0 = time.perf_counter()
+            for x, tokens in itertools.islice(itertools.cycle(batches), args.steps):
+                step(form, x, tokens)
+            times[form].append((time.perf_counter() - t0) / args.steps)
+    lengths = [int((t != 0).any(0).nonzero()[-1]) + 1 for _, t in batches]
+    rows = [{"form": f, "step_ms": 1000 * statistics.median(times[f]),
+             "speedup": statistics.median(a / b for a, b in zip(times["v2"], times[f])),
+             "per_round": ", ".join(f"{a / b:.2f}" for a, b in zip(times["v2"], times[f]))} for f in FORMS]
+    print(f"\n{arch}, batch {batch} (+ hard negatives), text columns used {min(lengths)}-{max(lengths)} of "
+          f"{loaded.model.context_length}, {args.rounds} rounds x {args.steps} steps:")
+    print(format_table(rows, [("form", "form"), ("step_ms", "step (ms, median)"), ("speedup", "v2 / this (median)"),
+                              ("per_round", "per-round ratios")]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
