@@ -40,8 +40,8 @@ from .config import PRESETS, preset_name
 from .utils import atomic_write_json, cache_dir, seed_everything, stable_hash
 
 # 2: tiny ViTs with fixed 2-D sin-cos position embeddings; 3: attention through SDPA (models.use_sdpa_attention)
-# and text encoded up to the batch's longest caption (models.encode_text_trimmed): the same arithmetic, ~1.3x
-# faster on CPU, but not the same last bits, so bases of version 2 are not reused
+# and text encoded up to the batch's longest caption (models.encode_text_trimmed): the same arithmetic, faster on
+# CPU (benchmarks/bench_pretrain.py), but not the same last bits, so bases of version 2 are not reused
 PRETRAIN_VERSION = 3
 
 
