@@ -77,9 +77,6 @@ def text_similarity(loaded, device: str) -> list[dict]:
     return rows
 
 
-RELATION_CLASSES = ("left of", "right of", "above", "below")  # the relation task's classes, in label order
-
-
 def relation_binding(loaded, world, device: str, max_captions: int = 1500) -> dict:
     import torch
     import torch.nn.functional as F
@@ -89,16 +86,17 @@ def relation_binding(loaded, world, device: str, max_captions: int = 1500) -> di
     from clip_refine_lab.features import dataset_features, decode_images, encode_texts, normalize_uint8
 
     model, tok = loaded.model, loaded.tokenizer
+    relations = [words[0] for words in W.RELATION_WORDS.values()]  # left, right, above, below: the task's label order
     fs = dataset_features(loaded, world.manifest("relation"), device=device, progress=False)
     images = F.normalize(fs.image.float(), dim=-1)
     prompts = []
     for record in load_manifest(world.manifest("relation")).records():
         objects = {o["colour"]: o["shape"] for o in record.meta["meta"]["objects"]}
-        prompts += [f"a red {objects['red']} {r} a blue {objects['blue']}" for r in RELATION_CLASSES]
+        prompts += [f"a red {objects['red']} {r} a blue {objects['blue']}" for r in relations]
     text = F.normalize(encode_texts(model, tok, prompts, device=device, progress=False).float(), dim=-1)
-    predicted = torch.einsum("nd,nkd->nk", images, text.view(len(images), len(RELATION_CLASSES), -1)).argmax(1)
+    predicted = torch.einsum("nd,nkd->nk", images, text.view(len(images), len(relations), -1)).argmax(1)
     named = {"top1": 100 * float((predicted == fs.labels).float().mean()),
-             "predicted": {r: int((predicted == i).sum()) for i, r in enumerate(RELATION_CLASSES)}}
+             "predicted": {r: int((predicted == i).sum()) for i, r in enumerate(relations)}}
 
     web = load_manifest(world.manifest("synthetic-web")).records()
     rows = []  # (record, caption, object-swapped, axis-swapped, relation-swapped), clean captions only
@@ -114,9 +112,7 @@ def relation_binding(loaded, world, device: str, max_captions: int = 1500) -> di
             break
     training = {"captions": len(rows)}
     if rows:
-        size = loaded.model.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        pixels = decode_images([r[0] for r in rows], size, progress=False)
+        pixels = decode_images([r[0] for r in rows], loaded.image_size, progress=False)
         mean, std = loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"]
         with torch.no_grad():
             x = F.normalize(model.encode_image(normalize_uint8(pixels, mean, std).to(device)).float(), dim=-1)
@@ -135,7 +131,6 @@ def supervised_learnability(arch: str, world, steps: int, recipe, device: str) -
     from clip_refine_lab.data import load_manifest
     from clip_refine_lab.features import decode_images, normalize_uint8
     from clip_refine_lab.models import load_model
-    from clip_refine_lab.pretrain import _image_size
     from clip_refine_lab.world import CELLS, SHAPES
 
     torch.manual_seed(recipe.seed)
@@ -143,7 +138,7 @@ def supervised_learnability(arch: str, world, steps: int, recipe, device: str) -
                if len(r.meta["meta"]["objects"]) == 1]
     fresh = load_model(arch, None, device=device)
     tower = fresh.model.visual
-    size = _image_size(fresh)
+    size = fresh.image_size
     mean, std = fresh.spec.preprocess["mean"], fresh.spec.preprocess["std"]
     images = decode_images(records, size, progress=False)
     shape_y = torch.tensor([SHAPES.index(r.meta["meta"]["objects"][0]["shape"]) for r in records])

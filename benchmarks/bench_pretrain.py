@@ -72,10 +72,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = load_manifest(world.manifest("synthetic-web")).records()
     torch.manual_seed(0)
     loaded = load_model(arch, None)
-    size = loaded.model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
     n = min(len(records), batch * (args.steps + 1))
-    images = decode_images(records[:n], size, progress=False)
+    images = decode_images(records[:n], loaded.image_size, progress=False)
     mean, std = loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"]
     captions = [r.captions[0] for r in records[:n]]
     negatives = [relation_objects_swapped(c) for c in captions]

@@ -71,6 +71,12 @@ class LoadedModel:
     def embed_dim(self) -> int:
         return int(self.model.text_projection.shape[1]) if self.model.text_projection is not None else 0
 
+    @property
+    def image_size(self) -> int:
+        """The side of the square images the model takes (its preprocessing's resize)."""
+        size = self.spec.preprocess.get("size", 224)
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
 
 def register_tiny_architectures() -> None:
     """Make our tiny architectures (``clip_refine_lab/model_configs/*.json``) ordinary open_clip models."""

@@ -110,9 +110,8 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     if recipe.logit_scale_init is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(recipe.logit_scale_init))
-    size = _image_size(loaded)
     records = load_manifest(world.manifest("synthetic-web")).records()
-    images = decode_images(records, size, progress=progress)
+    images = decode_images(records, loaded.image_size, progress=progress)
     captions = [r.captions[0] for r in records]
     tokens = loaded.tokenizer(captions)
     make_negative = (relation_objects_swapped if recipe.object_order_hard_negatives
@@ -186,10 +185,6 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
         print(format_summary(summary))
     return path
 
-
-def _image_size(loaded) -> int:
-    size = loaded.spec.preprocess.get("size", 224)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def summarize_base(loaded, world, *, device: str = "cpu", progress: bool = True) -> dict:
