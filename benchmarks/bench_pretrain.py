@@ -1,15 +1,17 @@
-"""Base pre-training step, PRETRAIN_VERSION 2 against 3: what the SDPA path and the trimmed text tower buy.
+"""Base pre-training step, PRETRAIN_VERSION 2 against 3 and 4: what the SDPA path and the trimmed text tower buy.
 
 One step of :func:`clip_refine_lab.pretrain.pretrain_base`'s loop (text forward of the batch's web captions
 and their object-order hard negatives, image forward, the hard-negative contrastive loss, backward, fused
-AdamW) in three forms, interleaved round by round on the same batches:
+AdamW) in four forms, interleaved round by round on the same batches:
 
 - ``v2``: open_clip's ``nn.MultiheadAttention`` and ``encode_text`` over the full context (version 2);
 - ``sdpa``: the SDPA attention path only;
 - ``v3``: SDPA and :func:`clip_refine_lab.models.encode_text_trimmed` (the text tower up to the batch's
-  longest caption), as ``pretrain_base`` trains now.
+  longest caption), version 3;
+- ``v4``: as ``v3``, with the text rows sorted by length and encoded in ``pretrain.TEXT_BUCKETS`` chunks, each
+  trimmed to its own longest caption, as ``pretrain_base`` trains now.
 
-All three start from the same random weights (speed does not depend on them). The table gives the median
+All four start from the same random weights (speed does not depend on them). The table gives the median
 step time per form and the median of the per-round ratios against ``v2``.
 
 Usage::
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import statistics
@@ -35,7 +38,7 @@ if REPO_ROOT not in sys.path:
 
 from bench_refine import describe_machine, format_table, machine_info, setup_environment  # noqa: E402
 
-FORMS = ("v2", "sdpa", "v3")
+FORMS = ("v2", "sdpa", "v3", "v4")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from clip_refine_lab.features import decode_images, normalize_uint8
     from clip_refine_lab.losses import hard_negative_contrastive_loss
     from clip_refine_lab.models import encode_text_trimmed, load_model, use_sdpa_attention
-    from clip_refine_lab.pretrain import RECIPES
+    from clip_refine_lab.pretrain import RECIPES, TEXT_BUCKETS
     from clip_refine_lab.world import WorldConfig, build_world, relation_objects_swapped
 
     preset = PRESETS[args.world]
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if form != "v2":
             use_sdpa_attention(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        encode = encode_text_trimmed if form == "v3" else type(model).encode_text
+        encode = (type(model).encode_text if form in ("v2", "sdpa") else encode_text_trimmed if form == "v3"
+                  else functools.partial(encode_text_trimmed, buckets=TEXT_BUCKETS))
         models[form] = (model, opt, encode)
 
     def step(form, x, tokens):

@@ -91,6 +91,13 @@ class Manifest:
             raise ManifestError(f"{self.path}: manifest '{self.name}' has no classnames")
         return len(self.classnames)
 
+    @property
+    def is_probe(self) -> bool:
+        """``probe: true``: a compositional probe (word order, relations; ARO and Winoground are the web-scale
+        examples), evaluated and reported like any classification set but left out of the zero-shot average,
+        which stays a mean over classification tasks (:func:`clip_refine_lab.metrics.zero_shot_average`)."""
+        return self.fields.get("probe") is True
+
     def prompts(self, classname: str) -> list[str]:
         return [t.replace("{c}", classname) for t in (self.templates or ["a photo of a {c}."])]
 
@@ -202,6 +209,8 @@ def load_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None =
     records_path = expand_path(records, base, data_root, f"{path}: field 'records'") if records else None
     classnames = fields.get("classnames")
     templates = fields.get("templates")
+    if "probe" in fields and not isinstance(fields["probe"], bool):
+        raise ManifestError(f"{path}: field 'probe' must be true or false, got {fields['probe']!r}")
     if kind == "classification":
         if classnames is not None and (
             not isinstance(classnames, list) or not all(isinstance(c, str) and c.strip() for c in classnames)

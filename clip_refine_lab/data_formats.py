@@ -64,7 +64,8 @@ LOCATOR_SEP = "::"
 # Fields every manifest may carry, whatever its format.
 COMMON_FIELDS = ("name", "kind", "format", "root", "source", "layout", "description", "notes", "license",
                  "citation", "homepage", "classnames", "templates", "filtered_from", "filter",
-                 "task", "style")  # task/style: written by the synthetic world (clip_refine_lab.world)
+                 "task", "style",  # task/style: written by the synthetic world (clip_refine_lab.world)
+                 "probe")  # a classification set reported apart from the zero-shot average (data.Manifest.is_probe)
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,10 @@ def validate_manifest_fields(fields: Any, allow_unknown: bool = False) -> list[s
             for key in unknown_fields(fields):
                 out.append(f"unknown field '{key}' for format '{fmt}' (known: {', '.join(sorted(known))})")
     out.extend(_check_types(fields))
+    if "probe" in fields and not isinstance(fields["probe"], bool):
+        out.append(f"field 'probe' must be true or false, got {fields['probe']!r}")
+    if fields.get("probe") is True and kind != "classification":
+        out.append("field 'probe' applies to classification manifests only")
     if kind == "classification":
         names = fields.get("classnames")
         if names is None:

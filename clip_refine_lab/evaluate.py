@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from .config import PRESETS, RunConfig, preset_name
+from .data import load_manifest
 from .features import FeatureSet, dataset_features
 from .metrics import (alignment, class_embeddings, classification_metrics, linear_probe, modality_gap,
                       pooled_uniformity, retrieval_metrics, shift_along_gap, zero_shot_logits)
@@ -136,8 +137,11 @@ def evaluate_model(loaded: LoadedModel, suite: Suite, *, device: str | torch.dev
         train_fs, test_fs = feats(train_m), feats(test_m)
         result["linear_probe"][test_fs.name] = linear_probe(train_fs.image, train_fs.labels, test_fs.image, test_fs.labels)
     for m in suite.zero_shot:
-        fs = feats(m)
+        manifest = load_manifest(m, data_root=data_root)
+        fs = feats(manifest)
         result["zero_shot"][fs.name] = zero_shot_scores(fs)
+        if manifest.is_probe:  # reported, but not in the zero-shot average (metrics.zero_shot_average)
+            result["zero_shot"][fs.name]["probe"] = True
     for m in suite.retrieval:
         fs = feats(m)
         result["retrieval"][fs.name] = retrieval_scores(fs)
@@ -235,7 +239,6 @@ def suite_leakage(train, suite: Suite, data_root: str | None = None):
 
 def _leakage(cfg: RunConfig, suite: Suite, data_root: str | None) -> dict:
     """Image overlap between the training pairs and every evaluation set (REFERENCE.md: COCO pitfall)."""
-    from .data import load_manifest
     from .train import resolve_data
 
     train = load_manifest(resolve_data(cfg), data_root=data_root or cfg.data_root)
@@ -285,7 +288,9 @@ def compare(runs: Iterable[str | os.PathLike | dict], *, evaluate_missing: bool 
         models.update({k: v for k, v in res["models"].items() if k != PRETRAINED_LABEL})
     zs = pd.DataFrame({m: {t: 100 * v["top1"] for t, v in r["zero_shot"].items()} for m, r in models.items()}).T
     if not zs.empty:
-        zs["average"] = zs.mean(axis=1)
+        # the average of the classification tasks; compositional probes (manifest `probe: true`) stay out of it
+        probes = {t for r in models.values() for t, v in r["zero_shot"].items() if v.get("probe")}
+        zs["average"] = zs[[c for c in zs.columns if c not in probes]].mean(axis=1)
     ret_rows = {}
     for m, r in models.items():
         ret_rows[m] = {(ds, d, f"R@{k}"): 100 * v[f"{d}_R@{k}"] for ds, v in r["retrieval"].items()

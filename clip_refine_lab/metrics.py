@@ -38,6 +38,7 @@ __all__ = [
     "class_embeddings",
     "zero_shot_logits",
     "classification_metrics",
+    "zero_shot_average",
     "retrieval_metrics",
     "shift_along_gap",
     "linear_probe",
@@ -270,6 +271,15 @@ def zero_shot_logits(
         stop = start + block_size
         torch.matmul(normalize(image_features[start:stop].to(dtype)), weights.T, out=out[start:stop])
     return out
+
+
+def zero_shot_average(results: dict[str, dict]) -> float | None:
+    """Mean top-1 over zero-shot classification results ``{task: {"top1": ..., ...}}``, leaving out the
+    compositional probes (results with ``"probe": True``, from manifests with ``probe: true``); None if no
+    task is left. The probes are reported beside the average, not in it: CLIP-style models sit near chance
+    on them (ARO, Winoground), and a chance-level entry would only dilute the average."""
+    top1 = [float(r["top1"]) for r in results.values() if not r.get("probe")]
+    return sum(top1) / len(top1) if top1 else None
 
 
 def classification_metrics(

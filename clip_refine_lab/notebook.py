@@ -391,7 +391,8 @@ def embedded_world(cfg: RunConfig):
 
 
 def task_table(world) -> str:
-    """The zero-shot tasks of the embedded world: name, number of classes, the first class names."""
+    """The zero-shot tasks of the embedded world: name, number of classes, the first class names; a compositional
+    probe (not in the zero-shot average) is marked "(probe)"."""
     from .world import TASKS, split_specs
 
     if world is None:
@@ -400,7 +401,8 @@ def task_table(world) -> str:
     lines = [f"{'task':<22}{'classes':>8}  first classes"]
     for name in world.tasks:
         task = TASKS[base[name]]
-        lines.append(f"{name:<22}{len(task.classnames):>8}  {', '.join(task.classnames[:3])}")
+        label = f"{name} (probe)" if task.probe else name
+        lines.append(f"{label:<22}{len(task.classnames):>8}  {', '.join(task.classnames[:3])}")
     return "\n".join(lines)
 
 
@@ -600,15 +602,18 @@ def zero_shot_manifests(run_dir: Path) -> list[Path]:
 
 
 def chance_row(manifests: Iterable, data_root: str | None = None) -> dict[str, float]:
-    """Chance-level top-1 (%) of classification manifests by data set name, and their 'average'."""
+    """Chance-level top-1 (%) of classification manifests by data set name, and their 'average' (over the
+    classification tasks: compositional probes, manifest ``probe: true``, are not in the zero-shot average)."""
     from .data import load_manifest
 
-    row = {}
+    row, averaged = {}, []
     for mp in manifests:
         m = load_manifest(mp, data_root=data_root)
         row[m.name] = 100.0 / m.num_classes
-    if row:
-        row["average"] = sum(row.values()) / len(row)
+        if not m.is_probe:
+            averaged.append(row[m.name])
+    if averaged:
+        row["average"] = sum(averaged) / len(averaged)
     return row
 
 

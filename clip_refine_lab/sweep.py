@@ -64,6 +64,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from .config import PRESETS, ConfigError, RunConfig, preset_name
+from .metrics import zero_shot_average
 from .utils import atomic_write, atomic_write_json
 
 PRETRAINED = "pre-trained"
@@ -1072,9 +1073,11 @@ def _flatten(model_metrics: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     zs = model_metrics.get("zero_shot", {})
     for task, v in zs.items():
-        out[f"zs:{task}"] = 100 * v["top1"]
-    if zs:
-        out["zs:average"] = sum(100 * v["top1"] for v in zs.values()) / len(zs)
+        # a compositional probe keeps its own column, named as one (tables put it after the tasks)
+        out[f"zs:{task} (probe)" if v.get("probe") else f"zs:{task}"] = 100 * v["top1"]
+    average = zero_shot_average(zs)  # compositional probes (manifest `probe: true`) are not in it
+    if average is not None:
+        out["zs:average"] = 100 * average
     for ds, v in model_metrics.get("retrieval", {}).items():
         for d in ("t2i", "i2t"):
             for k in (1, 5, 10):

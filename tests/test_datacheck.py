@@ -179,6 +179,10 @@ def test_validate_manifest_fields():
     assert any("missing field 'records'" in p for p in validate_manifest_fields({"name": "x", "kind": "captions",
                                                                                   "format": "coco"}))
     assert any("unknown format" in p for p in validate_manifest_fields({"name": "x", "kind": "captions", "format": "zip"}))
+    assert validate_manifest_fields({**ok, "probe": True}) == []
+    assert "field 'probe' must be true or false, got 'yes'" in validate_manifest_fields({**ok, "probe": "yes"})
+    assert "field 'probe' applies to classification manifests only" in validate_manifest_fields(
+        {"name": "x", "kind": "captions", "format": "coco", "records": "c.json", "probe": True})
     assert any("holds classification data" in p for p in validate_manifest_fields(
         {"name": "x", "kind": "captions", "format": "imagefolder"}))
 
@@ -248,3 +252,15 @@ def test_leakage_flickr8k_inside_flickr30k(tmp_path):
                         seed=300)
     report = leakage_report(f8, f30, hash_images=False)
     assert report.evals[0].overlap_by_id == 1
+
+
+def test_probe_field_must_be_a_boolean(tmp_path):
+    from clip_refine_lab.data import ManifestError
+
+    make_image(tmp_path / "images" / "0.png")
+    row = [{"id": "0", "image": "0.png", "label": 0}]
+    man = make_jsonl(tmp_path, row, kind="classification", classnames=["left", "right"], probe=True)
+    assert load_manifest(man).is_probe and check_manifest(man, progress=False).ok
+    man = make_jsonl(tmp_path, row, name="bad", kind="classification", classnames=["left", "right"], probe="yes")
+    with pytest.raises(ManifestError, match=r"bad\.yaml: field 'probe' must be true or false, got 'yes'"):
+        load_manifest(man)

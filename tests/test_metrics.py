@@ -417,3 +417,12 @@ def test_linear_probe_errors():
         M.linear_probe(x, y[:-1], x, y, C=1.0)
     with pytest.raises(ValueError, match="at least 2 classes"):
         M.linear_probe(x, torch.zeros(15, dtype=torch.long), x, y, C=1.0)
+
+
+def test_zero_shot_average_leaves_the_probes_out():
+    from clip_refine_lab.metrics import zero_shot_average
+
+    results = {"shape": {"top1": 0.4}, "relation": {"top1": 0.1, "probe": True}, "colour": {"top1": 0.8, "top5": 1.0}}
+    assert zero_shot_average(results) == pytest.approx(0.6)
+    assert zero_shot_average({"relation": {"top1": 0.1, "probe": True}}) is None
+    assert zero_shot_average({}) is None

@@ -146,3 +146,33 @@ def test_trimmed_text_encoding_matches_encode_text_and_its_gradients(sdpa):
     # a batch without padding columns to drop takes the same path as encode_text
     full_rows = torch.randint(1, 1000, (2, tokens.shape[1]))
     torch.testing.assert_close(encode_text_trimmed(model, full_rows), model.encode_text(full_rows))
+
+
+@pytest.mark.parametrize("buckets", [2, 3, 8])
+def test_length_bucketed_text_encoding_keeps_rows_in_order_with_the_same_features_and_gradients(buckets):
+    """Pre-training encodes its text rows in length-sorted chunks (pretrain.TEXT_BUCKETS): each row's feature
+    and the gradients must be those of encode_text, and row i of the output must be caption i's."""
+    import copy
+
+    from clip_refine_lab.models import encode_text_trimmed, use_sdpa_attention
+
+    torch.manual_seed(0)
+    model = load_model("micro-vit-32").model.train()
+    use_sdpa_attention(model)
+    captions = ["two blue stars left of a big yellow square on a striped background", "a", "a red circle",
+                "three shapes", "a small green ring in the top left", "a star above a ring", "blue"]
+    tokens = open_clip.get_tokenizer("micro-vit-32")(captions)
+    twin = copy.deepcopy(model)
+    full, bucketed = model.encode_text(tokens), encode_text_trimmed(twin, tokens, buckets)
+    torch.testing.assert_close(bucketed, full, rtol=0, atol=1e-5)
+    # rows in input order: each row matches its own caption encoded alone, not just some permutation
+    for i in (0, 1, len(captions) - 1):
+        torch.testing.assert_close(bucketed[i], model.encode_text(tokens[i:i + 1])[0], rtol=0, atol=1e-5)
+    weights = torch.arange(1.0, len(captions) + 1)[:, None]  # a row-dependent loss: a permutation would show
+    (weights * full).square().sum().backward()
+    (weights * bucketed).square().sum().backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    largest = max(g.abs().max().item() for g in grads.values())
+    for k, p in twin.named_parameters():
+        if k in grads:
+            assert (p.grad - grads[k]).abs().max().item() <= 1e-5 * largest, k

@@ -232,6 +232,9 @@ def test_world_helpers(micro_world):
     assert items[0]["caption"] in ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "ring")
     row = nb.chance_row([micro_world.manifest("shape"), micro_world.manifest("size")])
     assert row == pytest.approx({"shape": 12.5, "size": 50.0, "average": 31.25})
+    # a compositional probe gets its chance level but stays out of the average
+    row = nb.chance_row([micro_world.manifest("shape"), micro_world.manifest("size"), micro_world.manifest("relation")])
+    assert row == pytest.approx({"shape": 12.5, "size": 50.0, "relation": 25.0, "average": 31.25})
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,20 @@ def test_base_summary_records_the_recipe_and_its_hard_negatives(micro_base):
     assert set(summary["zero_shot"]) and 0 <= summary["gap"]["gap_l2"] <= 2
 
 
+def test_base_summary_reports_the_relation_probe_apart(micro_base):
+    from clip_refine_lab.metrics import zero_shot_average
+    from clip_refine_lab.pretrain import format_summary
+
+    summary = json.loads(micro_base.with_suffix(".json").read_text())
+    assert summary["zero_shot"]["relation"]["probe"] is True
+    assert not any(r.get("probe") for t, r in summary["zero_shot"].items() if t != "relation")
+    text = format_summary(summary)
+    tasks, probes = text.split("compositional probes")
+    assert "\nrelation " not in tasks and "\nrelation " in probes and "\nshape " in tasks
+    average = zero_shot_average(summary["zero_shot"])
+    assert f"{'average':<28}{100 * average:>7.1f}%" in tasks
+
+
 def test_second_call_loads_instead_of_training(micro_base, monkeypatch):
     def must_not_train(*args, **kwargs):
         raise AssertionError("pretrain_base trained again although the base is cached")

@@ -296,6 +296,20 @@ def test_aggregate_mean_std(tmp_path):
     assert all(p.is_file() for p in written)
 
 
+def test_probe_columns_come_after_the_tasks_and_stay_out_of_the_average(tmp_path):
+    spec, sweep_dir, runs = _fake_sweep(tmp_path, {"main": {"table": "main", "grid": {"method": ["clip-refine"]}}},
+                                        seeds=(0,))
+    metrics = _metrics(runs[0].run_name, {"shape": 0.4, "colour": 0.6}, 0.05, 1.0)
+    for model in metrics["models"].values():  # a probe in the middle of the results, as a suite may list it
+        model["zero_shot"] = {"shape": model["zero_shot"]["shape"], "relation": {"top1": 0.2, "probe": True},
+                              "colour": model["zero_shot"]["colour"]}
+    _write_run(runs[0], metrics)
+    zs = sw.aggregate(sweep_dir).mean["main_zero_shot"]
+    assert list(zs.columns) == ["shape", "colour", "relation (probe)", "average"]
+    assert zs.loc["clip-refine", "average"] == pytest.approx(50.0)  # (40 + 60) / 2: the probe's 20 is not in it
+    assert zs.loc["clip-refine", "relation (probe)"] == pytest.approx(20.0)
+
+
 def test_aggregate_backbone_and_missing_runs(tmp_path):
     spec, sweep_dir, runs = _fake_sweep(tmp_path, {
         "backbone": {"table": "backbone", "grid": {"model": ["micro-vit-32", "micro-vit-24"]}},

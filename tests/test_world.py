@@ -49,7 +49,8 @@ def _records(w: W.World, name: str):
 
 # ------------------------------------------------------------------------------ caption checker
 FILLERS = {"a", "an", "the", "of", "in", "at", "on", "against", "with", "and", "corner",
-           "photo", "image", "rendering", "picture", "drawing", "sketch", "line", "outline"}
+           "photo", "image", "rendering", "picture", "drawing", "sketch", "line", "outline",
+           "filtered", "recoloured", "tinted", "colour-shifted"}
 
 
 def _phrase_table():
@@ -248,6 +249,9 @@ def test_manifests_round_trip(built):
     assert len(w.tasks) >= 10 + 3 and len(w.validation_tasks) == len(W.BASE_TASKS)
     assert {"shape-sketch", "shape-noise", "shape-palette"} <= set(w.tasks)
     assert not any(t.startswith("colour") and t.endswith("palette") for t in w.tasks)
+    # relation is a compositional probe (reported, not in the zero-shot average); every other task is not
+    assert [t for t in w.tasks + w.validation_tasks if data.load_manifest(w.manifest(t)).is_probe] == \
+        ["relation", "val/relation"]
     sizes = {"synthetic-web": cfg.web_size, "synthetic-coco": cfg.coco_size, "synthetic-retrieval": cfg.retrieval_size}
     ids = set()
     total = 0
@@ -457,23 +461,24 @@ def test_web_noise_fractions(built):
 
 
 def test_web_styles(built):
-    """WORLD_VERSION 4: ~5 % of web images are sketches (clean pairs, caption without colour, size or
-    background, naming every object) and ~5 % noisy; mismatched pairs keep the normal style; the rendered
-    image follows the record's style."""
+    """~5 % of web images are sketches and ~5 % recoloured (clean pairs, caption without colour, size or
+    background, naming every object; WORLD_VERSION 4 and 5) and ~5 % noisy; mismatched pairs keep the normal
+    style; the rendered image follows the record's style."""
     cfg = W.WorldConfig()
     spec = next(s for s in W.split_specs(cfg) if s.name == "synthetic-web")
     records = [W.make_record(cfg, spec, i)[0] for i in range(4000)]
     styles = [r["meta"].get("style", "normal") for r in records]
     assert abs(styles.count("sketch") / 4000 - cfg.web_sketch) < 0.015
     assert abs(styles.count("noise") / 4000 - cfg.web_noise) < 0.015
+    assert abs(styles.count("palette") / 4000 - cfg.web_palette) < 0.015
     for r in records:
         style, noise = r["meta"].get("style", "normal"), r["meta"]["noise"]
         if noise == "mismatched":
             assert style == "normal"
-        if style == "sketch":
+        if style in ("sketch", "palette"):
             assert noise == "clean"
             cap = r["captions"][0]
-            assert cap.startswith(W.SKETCH_PREFIXES), cap
+            assert cap.startswith(W.SKETCH_PREFIXES if style == "sketch" else W.PALETTE_PREFIXES), cap
             assert not {c for c, _ in tokenize(cap)} & {"colour", "size", "bg"}, cap
             assert caption_true(cap, r["meta"], complete=True), (cap, r["meta"])
     sketches = [r for r in _records(built, "synthetic-web") if r.meta["meta"].get("style") == "sketch"]
@@ -482,6 +487,14 @@ def test_web_styles(built):
         img = np.asarray(Image.open(r.image).convert("RGB"), dtype=np.float32)
         # black outlines on white: every pixel is grey (no colour) and most are white
         assert np.abs(img - img.mean(axis=2, keepdims=True)).max() < 1.0 and (img > 250).mean() > 0.5
+    recoloured = [r for r in _records(built, "synthetic-web") if r.meta["meta"].get("style") == "palette"]
+    assert recoloured, "the micro world should hold a few recoloured images"
+    for r in recoloured[:5]:
+        scene = r.meta["meta"]
+        rendered = np.asarray(Image.open(r.image).convert("RGB"))
+        normal = np.asarray(W.render_scene(scene, rendered.shape[0], "normal"))
+        # the palette shift (hue rotation, contrast, tint) moves the image well away from its normal rendering
+        assert np.abs(rendered.astype(float) - normal).mean() > 10
 
 
 def full_and_partial_captions(seed: int, scenes: int):
@@ -575,6 +588,12 @@ def test_world_config_validation():
         W.WorldConfig(web_sketch=0.6)
     with pytest.raises(ValueError, match="web_noise"):
         W.WorldConfig(web_noise=1.5)
+    with pytest.raises(ValueError, match="web_palette"):
+        W.WorldConfig(web_palette=-0.1)
+    with pytest.raises(ValueError, match=r"web_sketch \+ web_palette"):
+        W.WorldConfig(web_sketch=0.3, web_palette=0.3)
+    with pytest.raises(ValueError, match="one style at most"):  # 0.4 / 0.5 of clean pairs redrawn + 0.3 / 0.8 noisy
+        W.WorldConfig(web_sketch=0.2, web_palette=0.2, web_noise=0.3)
     with pytest.raises(ValueError, match="at most 1"):
         W.WorldConfig(web_mismatch=0.7, web_partial=0.5)
 
