@@ -369,24 +369,33 @@ def encode_text_trimmed(model: torch.nn.Module, text: torch.Tensor, buckets: int
     from open_clip.model import CLIP
     from open_clip.transformer import text_global_pool
 
-    if buckets > 1 and len(text) > 1:
-        lengths = (text != 0).cumsum(1).argmax(1)  # index of each row's last token (0 for an empty row)
-        order = lengths.argsort(stable=True)
-        parts = [encode_text_trimmed(model, text[rows]) for rows in order.chunk(buckets)]
-        return torch.cat(parts)[order.argsort()]
     used = (text != 0).any(0).nonzero()
     if (type(model) is not CLIP or model.attn_mask is None or getattr(model, "text_pool_type", None)
             not in ("argmax", "eos", "first") or len(used) == 0):
         return model.encode_text(text)
+    cast_dtype = model.transformer.get_cast_dtype()
+
+    def encode(tokens: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        n = int((tokens != 0).any(0).nonzero()[-1]) + 1 if tokens.any() else 1
+        tokens = tokens[:, :n]
+        x = embedded[:, :n].to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+        x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        if model.text_projection is not None:
+            x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+        return x
+
     n = int(used[-1]) + 1
     text = text[:, :n]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
-    x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
-    return x
+    # One embedding lookup for all rows: its backward writes a dense vocabulary-sized gradient (6.3M floats for
+    # the tiny models), so looking up each chunk apart would pay that once per chunk.
+    embedded = model.token_embedding(text)
+    if buckets <= 1 or len(text) <= 1:
+        return encode(text, embedded)
+    lengths = (text != 0).cumsum(1).argmax(1)  # index of each row's last token (0 for an empty row)
+    order = lengths.argsort(stable=True)
+    parts = [encode(text[rows], embedded[rows]) for rows in order.chunk(buckets)]
+    return torch.cat(parts)[order.argsort()]
 
 
 def train_with_frozen_batch_norm(model: torch.nn.Module) -> int:
