@@ -1,17 +1,19 @@
-"""Base pre-training step, PRETRAIN_VERSION 2 against 3 and 4: what the SDPA path and the trimmed text tower buy.
+"""Base pre-training step, PRETRAIN_VERSION 2 against 3, 4 and 5: what the SDPA path and the trimmed text tower buy.
 
 One step of :func:`clip_refine_lab.pretrain.pretrain_base`'s loop (text forward of the batch's web captions
 and their object-order hard negatives, image forward, the hard-negative contrastive loss, backward, fused
-AdamW) in four forms, interleaved round by round on the same batches:
+AdamW) in five forms, interleaved round by round on the same batches:
 
 - ``v2``: open_clip's ``nn.MultiheadAttention`` and ``encode_text`` over the full context (version 2);
 - ``sdpa``: the SDPA attention path only;
 - ``v3``: SDPA and :func:`clip_refine_lab.models.encode_text_trimmed` (the text tower up to the batch's
   longest caption), version 3;
 - ``v4``: as ``v3``, with the text rows sorted by length and encoded in ``pretrain.TEXT_BUCKETS`` chunks, each
-  trimmed to its own longest caption, as ``pretrain_base`` trains now.
+  trimmed to its own longest caption, and each chunk looking up its own token embeddings (version 4);
+- ``v5``: as ``v4`` with one token-embedding lookup for all chunks, as ``pretrain_base`` trains now (the
+  lookup's backward writes a dense vocabulary-sized gradient, once instead of once per chunk).
 
-All four start from the same random weights (speed does not depend on them). The table gives the median
+All five start from the same random weights (speed does not depend on them). The table gives the median
 step time per form and the median of the per-round ratios against ``v2``.
 
 Usage::
@@ -38,7 +40,19 @@ if REPO_ROOT not in sys.path:
 
 from bench_refine import describe_machine, format_table, machine_info, setup_environment  # noqa: E402
 
-FORMS = ("v2", "sdpa", "v3", "v4")
+FORMS = ("v2", "sdpa", "v3", "v4", "v5")
+
+
+def encode_text_chunked_v4(model, text, buckets: int):
+    """Version 4's bucketed text path: each length-sorted chunk through ``encode_text_trimmed`` on its own, so
+    each chunk does its own token-embedding lookup (and its own dense embedding gradient)."""
+    import torch
+
+    from clip_refine_lab.models import encode_text_trimmed
+
+    lengths = (text != 0).cumsum(1).argmax(1)
+    order = lengths.argsort(stable=True)
+    return torch.cat([encode_text_trimmed(model, text[rows]) for rows in order.chunk(buckets)])[order.argsort()]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -93,6 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             use_sdpa_attention(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         encode = (type(model).encode_text if form in ("v2", "sdpa") else encode_text_trimmed if form == "v3"
+                  else functools.partial(encode_text_chunked_v4, buckets=TEXT_BUCKETS) if form == "v4"
                   else functools.partial(encode_text_trimmed, buckets=TEXT_BUCKETS))
         models[form] = (model, opt, encode)
 

@@ -153,6 +153,6 @@ def test_base_diagnostics_reports_probes_text_and_learnability(runs):
 
 def test_bench_pretrain_compares_the_step_forms(runs):
     stdout, rows = _result(runs, "bench_pretrain.py")
-    assert [r["form"] for r in rows] == ["v2", "sdpa", "v3", "v4"]
+    assert [r["form"] for r in rows] == ["v2", "sdpa", "v3", "v4", "v5"]
     assert all(r["step_ms"] > 0 and r["speedup"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
     assert "text columns used" in stdout
