@@ -46,7 +46,7 @@ from .utils import atomic_write_json, cache_dir, seed_everything, stable_hash
 # 4: the text rows encoded in TEXT_BUCKETS length-sorted chunks (same arithmetic again; forward and backward
 # 27 % shorter, the whole step 1.02-1.23x faster than version 3 in bench_pretrain.py's rounds);
 # 5: one token-embedding lookup for all chunks (its backward fills a dense 6.3M-float gradient, once instead of
-# once per chunk: the step about 7 % faster; same arithmetic, other summation order)
+# once per chunk: the step about 6 % faster in bench_pretrain.py's rounds; same arithmetic, other summation order)
 PRETRAIN_VERSION = 5
 
 #: Chunks the batch's text rows are sorted into by caption length and encoded apart
