@@ -584,6 +584,51 @@ def test_relation_axis_swapped_is_false_for_every_pair_the_phrases_can_name():
     assert negatives > 0.9 * relations and relations > 100 and not wrong, (relations, negatives, wrong)
 
 
+def test_web_tint(tmp_path):
+    """``web_tint``: a share of the web images (not the sketches) are washed-out photos with a colour cast: a
+    tinted background and lower contrast. Nothing else of the world changes (the tint has its own rng), the
+    objects keep their hues, and a tinted plain background's caption no longer calls it grey."""
+    tinted_cfg, plain_cfg = W.WorldConfig(web_tint=0.3), W.WorldConfig(web_tint=0.0)
+    assert "web_tint" in tinted_cfg.key_dict() and "web_tint" not in plain_cfg.key_dict()
+    spec = next(s for s in W.split_specs(tinted_cfg) if s.name == "synthetic-web")
+    eligible = tinted = renamed = 0
+    for i in range(2000):
+        a, b = W.make_record(tinted_cfg, spec, i)[0], W.make_record(plain_cfg, spec, i)[0]
+        tint, contrast = a["meta"].pop("tint", None), a["meta"].pop("contrast", None)
+        assert (tint is None) == (contrast is None)
+        if tint is not None and a["meta"]["background"] == "plain" and a["meta"]["noise"] != "mismatched":
+            assert "grey" not in a["captions"][0]
+            assert caption_true(a["captions"][0], a["meta"]), a
+            renamed += a["captions"] != b["captions"]
+            b["captions"] = [W._untinted_words_removed(b["captions"][0])]
+        assert a == b  # same id, caption and scene
+        if a["meta"].get("style", "normal") != "sketch":
+            eligible += 1
+            tinted += tint is not None
+        else:
+            assert tint is None, a
+        if tint is not None:
+            assert len(tint) == 4 and all(0 <= c <= 255 for c in tint[:3]) and 0.1 <= tint[3] <= 0.3
+            assert 0.55 <= contrast <= 0.85
+    assert abs(tinted / eligible - 0.3) < 0.04, (tinted, eligible)
+    assert renamed > 5  # some plain-background captions said "grey"
+    i = next(i for i in range(200) if "tint" in W.make_record(tinted_cfg, spec, i)[0]["meta"])
+    (written,) = W._build_chunk((tinted_cfg.to_dict(), spec, i, i + 1, str(tmp_path)))
+    img = np.asarray(Image.open(tmp_path / written["image"]).convert("RGB"), dtype=np.float32)
+    scene = {k: v for k, v in written["meta"].items() if k not in ("tint", "contrast")}
+    style = written["meta"].get("style", "normal")
+    untinted = np.asarray(W.render_scene(scene, tinted_cfg.image_size, style, W._rngs(tinted_cfg, spec, i)[1]),
+                          dtype=np.float32)
+    inside = np.zeros(img.shape[:2], bool)  # pixels that are wholly one object's colour
+    for obj in scene["objects"]:
+        inside |= (untinted == np.asarray(W.COLOURS[obj["colour"]], np.float32)).all(axis=2)
+    if style == "normal":
+        # an object's pixels only lose contrast (same hue); the background also takes the tint's colour
+        washed = 128.0 + (untinted - 128.0) * written["meta"]["contrast"]
+        assert inside.any() and np.abs(img[inside] - washed[inside]).max() <= 0.5
+        assert np.abs(img - washed)[~inside].mean() > 3
+
+
 def test_world_config_validation():
     with pytest.raises(ValueError, match="web_sketch"):
         W.WorldConfig(web_sketch=0.6)
@@ -591,6 +636,8 @@ def test_world_config_validation():
         W.WorldConfig(web_noise=1.5)
     with pytest.raises(ValueError, match="web_palette"):
         W.WorldConfig(web_palette=-0.1)
+    with pytest.raises(ValueError, match="web_tint"):
+        W.WorldConfig(web_tint=1.2)
     with pytest.raises(ValueError, match=r"web_sketch \+ web_palette"):
         W.WorldConfig(web_sketch=0.3, web_palette=0.3)
     with pytest.raises(ValueError, match="one style at most"):  # 0.4 / 0.5 of clean pairs redrawn + 0.3 / 0.8 noisy
