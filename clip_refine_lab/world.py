@@ -10,7 +10,8 @@ split                  analogue
 =====================  =====================================================================
 synthetic-web          the noisy web pre-training set (one short alt-text per image; about 20%
                        mismatched and 30% partial captions; ``meta.noise`` says which; 5% of the
-                       images are line drawings and 5% noisy, ``meta.style`` says which)
+                       images are line drawings and 5% noisy, ``meta.style`` says which; 30% of
+                       the others washed out with a colour cast, ``meta.tint``/``meta.contrast``)
 synthetic-coco         COCO Captions (post-pre-training: 5 correct, detailed captions per image)
 synthetic-retrieval    a held-out retrieval test set (5 captions per image)
 <task>                 zero-shot classification test sets (ImageNet and friends)
