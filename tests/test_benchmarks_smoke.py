@@ -145,6 +145,9 @@ def test_base_diagnostics_reports_probes_text_and_learnability(runs):
     assert 0 <= named["top1"] <= 100 and sum(named["predicted"].values()) > 0
     assert training["captions"] == 0 or all(0 <= training[k] <= 100
                                             for k in ("objects_swapped", "axis_swapped", "relation_swapped"))
+    parts = result["palette_parts"]
+    assert [r["part"] for r in parts][0] == "unshifted" and len(parts) == 6
+    assert all(0 <= r["top1"] <= 100 and 0 < r["largest_class_share"] <= 100 for r in parts)
     sup = result["supervised"]
     assert sup["steps"] == 3 and sup["train_images"] > 0
     assert 0 <= sup["shape_top1"] <= 100 and 0 <= sup["position_top1"] <= 100
