@@ -288,7 +288,7 @@ class WorldConfig:
     # Web images that are washed-out photos with a colour cast: the background tinted with a random colour (blended
     # in at 10 to 30 %) and the whole image at 55 to 85 % contrast; sketches have none. The objects keep their
     # hues and a tinted plain background is not called grey, so every caption stays true. The web's photos are
-    # not all crisp and on grey: without any, a tint alone took the base's shape accuracy from 33 to 22 % (the
+    # not all crisp and on grey: without any, a 20 % tint alone took the base's shape accuracy from 33 to 21 % (the
     # test sets' ``palette`` shift tints and washes out the whole image; README, eighth round).
     web_tint: float = 0.3
 
