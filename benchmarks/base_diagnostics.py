@@ -139,12 +139,13 @@ def palette_parts(loaded, world, device: str, task: str = "shape") -> list[dict]
 
     from clip_refine_lab import world as W
     from clip_refine_lab.data import load_manifest
-    from clip_refine_lab.features import dataset_features
+    from clip_refine_lab.features import dataset_features, encode_images
     from clip_refine_lab.metrics import class_embeddings, zero_shot_logits
 
-    fs = dataset_features(loaded, world.manifest(task), device=device, progress=False)
+    manifest = load_manifest(world.manifest(task))
+    fs = dataset_features(loaded, manifest, device=device, progress=False)
     classes = class_embeddings(fs.text.float())
-    records = load_manifest(world.manifest(task)).records()
+    records = manifest.records()
     size = loaded.image_size
     rows = []
     for part in PALETTE_PARTS:
@@ -158,10 +159,8 @@ def palette_parts(loaded, world, device: str, task: str = "shape") -> list[dict]
             if "contrast" in part:
                 scene["contrast"] = contrast
             style = "palette" if part == "the whole palette shift" else "normal"
-            images.append(loaded.preprocess(W.render_scene(scene, size, style, np.random.default_rng([8, i]))))
-        with torch.no_grad():
-            x = torch.cat([loaded.model.encode_image(torch.stack(images[j:j + 250]).to(device)).float().cpu()
-                           for j in range(0, len(images), 250)])
+            images.append((loaded.preprocess(W.render_scene(scene, size, style, np.random.default_rng([8, i]))), i))
+        x = encode_images(loaded.model, images, device=device, progress=False)
         predicted = zero_shot_logits(F.normalize(x, dim=-1), classes).argmax(1)
         rows.append({"part": part, "top1": 100 * float((predicted == fs.labels).float().mean()),
                      "largest_class_share": 100 * float(torch.bincount(predicted).max()) / len(records)})
