@@ -85,8 +85,8 @@ def relation_binding(loaded, world, device: str, max_captions: int = 1500) -> di
     import torch
     import torch.nn.functional as F
 
-    from clip_refine_lab import world as W
-    from clip_refine_lab.data import load_manifest
+    from clip_refine_lab.embedded import world as W
+    from clip_refine_lab.data.manifest import load_manifest
     from clip_refine_lab.features import dataset_features, decode_images, encode_texts, normalize_uint8
 
     model, tok = loaded.model, loaded.tokenizer
@@ -137,8 +137,8 @@ def palette_parts(loaded, world, device: str, task: str = "shape") -> list[dict]
     import torch
     import torch.nn.functional as F
 
-    from clip_refine_lab import world as W
-    from clip_refine_lab.data import load_manifest
+    from clip_refine_lab.embedded import world as W
+    from clip_refine_lab.data.manifest import load_manifest
     from clip_refine_lab.features import dataset_features, encode_images
     from clip_refine_lab.metrics import class_embeddings, zero_shot_logits
 
@@ -172,10 +172,10 @@ def supervised_learnability(arch: str, world, steps: int, recipe, device: str) -
     optimiser, lr schedule, batch and seed of the base-model ``recipe`` (a PretrainRecipe)."""
     import torch
 
-    from clip_refine_lab.data import load_manifest
+    from clip_refine_lab.data.manifest import load_manifest
     from clip_refine_lab.features import decode_images, normalize_uint8
-    from clip_refine_lab.models import load_model
-    from clip_refine_lab.world import CELLS, SHAPES
+    from clip_refine_lab.models.loading import load_model
+    from clip_refine_lab.embedded.world import CELLS, SHAPES
 
     torch.manual_seed(recipe.seed)
     records = [r for r in load_manifest(world.manifest("synthetic-web")).records()
@@ -228,9 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
     setup_environment(args.cache, args.threads)
 
     from clip_refine_lab.config import PRESETS
-    from clip_refine_lab.models import load_model
-    from clip_refine_lab.pretrain import RECIPES
-    from clip_refine_lab.world import WorldConfig, build_world
+    from clip_refine_lab.models.loading import load_model
+    from clip_refine_lab.embedded.pretrain import RECIPES
+    from clip_refine_lab.embedded.world import WorldConfig, build_world
 
     preset = PRESETS[args.world]
     arch = args.arch or preset.model

@@ -1,7 +1,7 @@
 """Whole-loop throughput of ``refine()``: data loading, caches, teacher, loss, optimiser, logging.
 
 ``bench_refine.py`` times the optimiser step alone on pre-loaded batches; this script runs the
-trainer exactly as a user does (``clip_refine_lab.train.refine`` with a ``RunConfig``) and reports the
+trainer exactly as a user does (``clip_refine_lab.training.loop.refine`` with a ``RunConfig``) and reports the
 median pairs/s of its own log (``log.jsonl``, one line per step, synchronised on GPU) after the
 first ``--skip`` steps, and the time spent before the first step (model, caches, step-0 validation).
 
@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup_environment(args.cache, args.threads)
 
     from clip_refine_lab.config import RunConfig
-    from clip_refine_lab.models import tiny_architectures
-    from clip_refine_lab.train import read_log, refine
+    from clip_refine_lab.models.loading import tiny_architectures
+    from clip_refine_lab.rundir import read_log
+    from clip_refine_lab.training.loop import refine
 
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     precision = args.precision or ("bf16" if kind == "cuda" else "fp32")

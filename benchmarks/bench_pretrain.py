@@ -1,12 +1,12 @@
 """Base pre-training step, PRETRAIN_VERSION 2 against 3, 4 and 5: what the SDPA path and the trimmed text tower buy.
 
-One step of :func:`clip_refine_lab.pretrain.pretrain_base`'s loop (text forward of the batch's web captions
+One step of :func:`clip_refine_lab.embedded.pretrain.pretrain_base`'s loop (text forward of the batch's web captions
 and their object-order hard negatives, image forward, the hard-negative contrastive loss, backward, fused
 AdamW) in five forms, interleaved round by round on the same batches:
 
 - ``v2``: open_clip's ``nn.MultiheadAttention`` and ``encode_text`` over the full context (version 2);
 - ``sdpa``: the SDPA attention path only;
-- ``v3``: SDPA and :func:`clip_refine_lab.models.encode_text_trimmed` (the text tower up to the batch's
+- ``v3``: SDPA and :func:`clip_refine_lab.models.loading.encode_text_trimmed` (the text tower up to the batch's
   longest caption), version 3;
 - ``v4``: as ``v3``, with the text rows sorted by length and encoded in ``pretrain.TEXT_BUCKETS`` chunks, each
   trimmed to its own longest caption, and each chunk looking up its own token embeddings (version 4);
@@ -48,7 +48,7 @@ def encode_text_chunked_v4(model, text, buckets: int):
     each chunk does its own token-embedding lookup (and its own dense embedding gradient)."""
     import torch
 
-    from clip_refine_lab.models import encode_text_trimmed
+    from clip_refine_lab.models.loading import encode_text_trimmed
 
     lengths = (text != 0).cumsum(1).argmax(1)
     order = lengths.argsort(stable=True)
@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     from clip_refine_lab.config import PRESETS
-    from clip_refine_lab.data import load_manifest
+    from clip_refine_lab.data.manifest import load_manifest
     from clip_refine_lab.features import decode_images, normalize_uint8
     from clip_refine_lab.losses import hard_negative_contrastive_loss
-    from clip_refine_lab.models import encode_text_trimmed, load_model, use_sdpa_attention
-    from clip_refine_lab.pretrain import RECIPES, TEXT_BUCKETS
-    from clip_refine_lab.world import WorldConfig, build_world, relation_objects_swapped
+    from clip_refine_lab.models.loading import encode_text_trimmed, load_model, use_sdpa_attention
+    from clip_refine_lab.embedded.pretrain import RECIPES, TEXT_BUCKETS
+    from clip_refine_lab.embedded.world import WorldConfig, build_world, relation_objects_swapped
 
     preset = PRESETS[args.world]
     arch = args.arch or preset.model

@@ -2,7 +2,7 @@
 
 For each model (default: our embedded ``tiny-vit-48`` at 48 px and open_clip's ``ViT-B-32`` at 224 px,
 both with random weights: throughput does not depend on the weights) and each method of
-``clip_refine_lab.methods.METHODS`` it builds the trainer's own :class:`clip_refine_lab.train.Refiner`
+``clip_refine_lab.methods.METHODS`` it builds the trainer's own :class:`clip_refine_lab.training.loop.Refiner`
 and times its optimiser step exactly as ``Refiner.run`` takes it: ``zero_grad``,
 ``Refiner.compute_loss(..., train=True)`` (student forward, loss, backward; the teacher forward too
 when the teacher is not cached), the optimiser step (fused AdamW) and the logit-scale clamp.
@@ -175,7 +175,7 @@ def bench_method(arch: str, method: str, *, device: str, precision: str, batch_s
 
     from clip_refine_lab.config import RunConfig
     from clip_refine_lab.methods import get_method
-    from clip_refine_lab.train import Refiner
+    from clip_refine_lab.training.loop import Refiner
 
     needs_teacher = get_method(method).needs_teacher
     cfg = RunConfig(method=method, model=arch, pretrained=None, preset=world, data="synthetic-coco",
@@ -251,7 +251,7 @@ def bench_method(arch: str, method: str, *, device: str, precision: str, batch_s
 def image_size(arch: str) -> int | None:
     import open_clip
 
-    from clip_refine_lab.models import register_tiny_architectures
+    from clip_refine_lab.models.loading import register_tiny_architectures
 
     register_tiny_architectures()
     cfg = open_clip.get_model_config(arch) or {}

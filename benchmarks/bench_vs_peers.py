@@ -5,7 +5,7 @@ the same starting weights (one random initialisation saved to a file that all th
 batch size, fp32 on CPU:
 
 ``ours``
-    ``clip_refine_lab.train.Refiner(cfg).run()`` with ``teacher_cache=True`` and ``image_cache=True``.
+    ``clip_refine_lab.training.loop.Refiner(cfg).run()`` with ``teacher_cache=True`` and ``image_cache=True``.
     Both caches are built before any timing, as a sweep would have them (the first run of a sweep
     builds them; every later run, and every later epoch, reads them).
 ``reference``
@@ -133,7 +133,7 @@ def _ours_config(spec: dict, attention: str = "sdpa"):
 
 
 def _run_ours(spec: dict, attention: str = "sdpa") -> list[float]:
-    from clip_refine_lab.train import Refiner
+    from clip_refine_lab.training.loop import Refiner
 
     refiner = Refiner(_ours_config(spec, attention), progress=False)  # loads both caches (built by the parent)
     refiner.run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ def _run_open_clip_train(spec: dict) -> list[float]:
 
     import open_clip_train.main as octm
 
-    from clip_refine_lab.models import register_tiny_architectures
+    from clip_refine_lab.models.loading import register_tiny_architectures
 
     register_tiny_architectures()  # open_clip.add_model_config(clip_refine_lab/model_configs)
     stamps, hook = _clock(spec)
@@ -227,9 +227,9 @@ def prepare(args, workdir: Path) -> dict:
     """World, shared starting weights, the CSV for open_clip_train, and our two caches: all before timing."""
     import numpy as np
 
-    from clip_refine_lab.data import CaptionRecord, load_manifest
-    from clip_refine_lab.models import load_model, save_checkpoint
-    from clip_refine_lab.world import WorldConfig, build_world
+    from clip_refine_lab.data.manifest import CaptionRecord, load_manifest
+    from clip_refine_lab.models.loading import load_model, save_checkpoint
+    from clip_refine_lab.embedded.world import WorldConfig, build_world
 
     manifest = build_world(WorldConfig.preset(args.world), progress=False).manifest("synthetic-coco")
     import torch
@@ -249,7 +249,7 @@ def prepare(args, workdir: Path) -> dict:
             "world": args.world, "batch": args.batch_size, "warmup": args.warmup, "steps": args.steps,
             "workers": args.workers, "threads": args.threads, "device": "cpu",
             "cache": os.environ.get("CLIP_REFINE_LAB_CACHE"), "workdir": str(workdir), "tag": "prepare"}
-    from clip_refine_lab.train import Refiner
+    from clip_refine_lab.training.loop import Refiner
 
     t0 = time.perf_counter()
     Refiner(_ours_config(spec), progress=False)  # builds the decoded-image and teacher-feature caches

@@ -16,7 +16,7 @@ if __name__ == "__main__":
     p.add_argument("--world", default="default", choices=("default", "micro"))
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     args = p.parse_args()
-    from clip_refine_lab.world import WorldConfig, build_world
+    from clip_refine_lab.embedded.world import WorldConfig, build_world
 
     t0 = time.time()
     world = build_world(WorldConfig.preset(args.world), progress=False, workers=args.workers)

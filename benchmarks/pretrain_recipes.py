@@ -1,10 +1,10 @@
 """Compare base-model pre-training recipes on the embedded world: zero-shot per task, gap, time.
 
 Each recipe is ``ARCH:epochs:batch:lr[:field=value...]`` (fields of
-:class:`clip_refine_lab.pretrain.PretrainRecipe`, e.g. ``warmup_steps=200``, ``logit_scale_init=50``,
+:class:`clip_refine_lab.embedded.pretrain.PretrainRecipe`, e.g. ``warmup_steps=200``, ``logit_scale_init=50``,
 ``relation_hard_negatives=true``, ``relation_axis_hard_negatives=true``; fields not named keep the dataclass defaults, so the shipped
 default recipe is ``tiny-vit-48:6:256:3e-4:object_order_hard_negatives=true``) and goes through the library's own
-:func:`clip_refine_lab.pretrain.pretrain_base` (cached by world + architecture + recipe, so a second
+:func:`clip_refine_lab.embedded.pretrain.pretrain_base` (cached by world + architecture + recipe, so a second
 call of the same recipe only reads its summary). This is how the default base recipe was chosen
 (README, "The base model"); the table is printed in Markdown.
 
@@ -35,7 +35,7 @@ from bench_refine import describe_machine, format_table, machine_info, setup_env
 
 
 def parse_recipe(text: str):
-    from clip_refine_lab.pretrain import PretrainRecipe
+    from clip_refine_lab.embedded.pretrain import PretrainRecipe
 
     parts = text.split(":")
     if len(parts) < 4:
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from clip_refine_lab.config import PRESETS
     from clip_refine_lab.metrics import zero_shot_average
-    from clip_refine_lab.pretrain import pretrain_base
-    from clip_refine_lab.world import WorldConfig, build_world
+    from clip_refine_lab.embedded.pretrain import pretrain_base
+    from clip_refine_lab.embedded.world import WorldConfig, build_world
 
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 as on CPU

@@ -88,8 +88,8 @@ def build(model_name: str, pretrained: str | None, manifest_path: str | os.PathL
     """Model, frozen teacher copy, per-parameter AdamW and the decoding DataLoader, as the released code sets them up."""
     import open_clip
 
-    from clip_refine_lab.data import CaptionRecord, load_manifest
-    from clip_refine_lab.models import register_tiny_architectures
+    from clip_refine_lab.data.manifest import CaptionRecord, load_manifest
+    from clip_refine_lab.models.loading import register_tiny_architectures
 
     register_tiny_architectures()  # our tiny configs become ordinary open_clip model names
     torch.manual_seed(seed)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     data = args.data
     if not data.endswith((".yaml", ".yml")):
-        from clip_refine_lab.world import WorldConfig, build_world
+        from clip_refine_lab.embedded.world import WorldConfig, build_world
 
         data = str(build_world(WorldConfig.preset(args.world), progress=False).manifest(data))
     setup = build(args.model, args.pretrained, data, batch_size=args.batch_size, num_workers=args.workers,

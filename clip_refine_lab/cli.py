@@ -59,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_refine(args) -> int:
-    from .train import init_distributed_from_env, refine
+    from .training.loop import init_distributed_from_env, refine
 
     init_distributed_from_env()
     cfg = config_from_args(args)
@@ -71,7 +71,7 @@ def cmd_refine(args) -> int:
 def cmd_pretrain(args) -> int:
     import json
 
-    from .pretrain import format_summary, pretrain_base
+    from .embedded.pretrain import format_summary, pretrain_base
 
     path = pretrain_base(args.model, world_preset=args.preset, progress=not args.quiet)
     print(format_summary(json.loads(path.with_suffix(".json").read_text())))
@@ -81,7 +81,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_world(args) -> int:
     from .config import PRESETS, preset_name
-    from .world import WorldConfig, build_world
+    from .embedded.world import WorldConfig, build_world
 
     world = build_world(WorldConfig.preset(PRESETS[preset_name(args.preset)].world), progress=not args.quiet)
     print(world.root)
@@ -91,7 +91,7 @@ def cmd_world(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_run, format_tables
+    from .evaluation.evaluate import evaluate_run, format_tables
 
     result = evaluate_run(args.run_dir, suite=args.suite, device=args.device, progress=not args.quiet,
                           data_root=args.data_root)
@@ -100,26 +100,26 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .evaluate import compare, format_tables
+    from .evaluation.evaluate import compare, format_tables
 
     print(format_tables(compare(args.run_dirs)))
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import cmd_sweep as run_sweep_command
+    from .sweep.sweep import cmd_sweep as run_sweep_command
 
     return run_sweep_command(args)
 
 
 def cmd_data_check(args) -> int:
-    from .datacheck import run_data_check
+    from .data.check import run_data_check
 
     return run_data_check(args.manifest, data_root=args.data_root)
 
 
 def cmd_data_leakage(args) -> int:
-    from .datacheck import leakage_report
+    from .data.check import leakage_report
 
     report = leakage_report(args.train, args.eval, data_root=args.data_root, hash_images=not args.no_hash)
     print(report.format())
@@ -127,7 +127,7 @@ def cmd_data_leakage(args) -> int:
 
 
 def cmd_data_filter(args) -> int:
-    from .filtering import clip_score_filter
+    from .data.filtering import clip_score_filter
 
     out = clip_score_filter(args.manifest, args.out, model=args.model, pretrained=args.pretrained,
                             keep_fraction=args.keep_fraction, threshold=args.threshold, batch_size=args.batch_size,
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run a grid of runs from a spec (sweeps/*.yaml), evaluate them and write the "
                                      "paper's tables (mean ± std over seeds) and figures")
-    from .sweep import add_sweep_arguments
+    from .sweep.sweep import add_sweep_arguments
 
     add_sweep_arguments(p)
     p.set_defaults(func=cmd_sweep)
@@ -202,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import ManifestError
-    from .models import ModelNotAvailableError
-    from .train import NonFiniteLossError
+    from .data.manifest import ManifestError
+    from .models.loading import ModelNotAvailableError
+    from .training.loop import NonFiniteLossError
 
     try:
         return int(args.func(args) or 0)

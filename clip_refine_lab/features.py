@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import CaptionRecord, Images, Manifest, flatten_captions, load_manifest
-from .models import LoadedModel
+from .data.manifest import CaptionRecord, Images, Manifest, flatten_captions, load_manifest
+from .models.loading import LoadedModel
 from .utils import atomic_path, cache_dir, stable_hash
 
 
@@ -150,7 +150,7 @@ def decode_images(records: Sequence, image_size: int, *, progress: bool = True) 
     eval preprocessing (resize to the same size, centre crop, to-tensor, normalise) this equals
     ``preprocess`` followed by :func:`normalize_uint8`.
     """
-    from .data import load_image
+    from .data.manifest import load_image
 
     out = torch.empty((len(records), 3, image_size, image_size), dtype=torch.uint8)
     for i, rec in enumerate(tqdm(records, desc="decode images", disable=not progress, leave=False)):
@@ -245,6 +245,6 @@ class Subset:
 
 
 def _open_image(path: str):
-    from .data import load_image
+    from .data.manifest import load_image
 
     return load_image(path)

@@ -103,7 +103,7 @@ def thumbnail_uri(image: Any, size: int = 96) -> str:
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
-        from .data import load_image
+        from .data.manifest import load_image
 
         im = load_image(str(image))
     elif isinstance(image, np.ndarray):
@@ -277,7 +277,7 @@ class LivePlot:
     """
 
     def __init__(self, live: bool = True, *, title: str | None = "post-pre-training (live)", min_interval: float = 0.25):
-        from .notebook import widgets_render
+        from .ui.notebook import widgets_render
 
         self.records: list[dict] = []
         self.val: list[dict] = []
@@ -328,7 +328,7 @@ class LivePlot:
         finished before and ``refine`` returned at once, calling back nothing).
         """
         if run_dir is not None:
-            from .train import read_log
+            from .rundir import read_log
 
             self.records, self.val = read_log(run_dir, "train"), read_log(run_dir, "val")
         if self.widget is not None:

@@ -1,4 +1,4 @@
-"""Small shared helpers: the cache directory, atomic writes, stable hashing, seeding.
+"""Small shared helpers: the cache directory, atomic writes, JSON lines, stable hashing, seeding.
 
 Everything the toolkit writes to disk (world images, manifests, checkpoints, feature caches) goes
 through :func:`atomic_write` or one of its wrappers, so an interrupted process never leaves a
@@ -87,12 +87,18 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line: the one writer of every ``*.jsonl`` log (run logs, sweep logs)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every record of a ``*.jsonl`` log; an absent file has none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def seed_everything(seed: int) -> None:

@@ -109,7 +109,7 @@ def test_open_clip_train_sees_our_tiny_architectures():
     """The launcher's premise: after registering our configs, open_clip (and so open_clip_train) knows the names."""
     import open_clip
 
-    from clip_refine_lab.models import register_tiny_architectures
+    from clip_refine_lab.models.loading import register_tiny_architectures
 
     register_tiny_architectures()
     assert "tiny-vit-48" in open_clip.list_models()

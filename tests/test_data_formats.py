@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from clip_refine_lab.data import CaptionRecord, ClassificationRecord, ManifestError, load_manifest
-from clip_refine_lab.data_formats import (
+from clip_refine_lab.data.manifest import CaptionRecord, ClassificationRecord, ManifestError, load_manifest
+from clip_refine_lab.data.formats import (
     WebDatasetPairs,
     assign_shards,
     expand_braces,

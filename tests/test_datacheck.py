@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from clip_refine_lab.data import load_manifest
-from clip_refine_lab.datacheck import (
+from clip_refine_lab.data.manifest import load_manifest
+from clip_refine_lab.data.check import (
     check_manifest,
     clean_captions,
     image_identity,
@@ -204,7 +204,7 @@ def test_is_readable(tmp_path):
 
 # ----------------------------------------------------------------------------------------- leakage
 def test_image_identity_coco_naming():
-    from clip_refine_lab.data import CaptionRecord
+    from clip_refine_lab.data.manifest import CaptionRecord
 
     a = CaptionRecord("1", "/d/train2017/000000123456.jpg", ("x",))
     b = CaptionRecord("2", "/d/val2014/COCO_val2014_000000123456.jpg", ("x",))
@@ -255,7 +255,7 @@ def test_leakage_flickr8k_inside_flickr30k(tmp_path):
 
 
 def test_probe_field_must_be_a_boolean(tmp_path):
-    from clip_refine_lab.data import ManifestError
+    from clip_refine_lab.data.manifest import ManifestError
 
     make_image(tmp_path / "images" / "0.png")
     row = [{"id": "0", "image": "0.png", "label": 0}]

@@ -9,9 +9,10 @@ import torch
 from clip_refine_lab import features
 from clip_refine_lab.cli import main
 from clip_refine_lab.config import RunConfig
-from clip_refine_lab.evaluate import compare, evaluate_run, format_tables, latest_run
-from clip_refine_lab.models import load_model
-from clip_refine_lab.train import refine
+from clip_refine_lab.evaluation.evaluate import compare, evaluate_run, format_tables
+from clip_refine_lab.rundir import latest_run
+from clip_refine_lab.models.loading import load_model
+from clip_refine_lab.training.loop import refine
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_feature_cache_is_reused_and_invalidated_by_new_weights(micro_world, mic
 def test_cached_features_equal_direct_encoding(micro_world, micro_base):
     loaded = load_model(str(micro_base))
     fs = features.dataset_features(loaded, micro_world.manifest("shape"), progress=False)
-    from clip_refine_lab.data import Images, load_manifest
+    from clip_refine_lab.data.manifest import Images, load_manifest
 
     records = load_manifest(micro_world.manifest("shape")).records()
     direct = features.encode_images(loaded.model, Images(records[:5], loaded.preprocess), progress=False)
@@ -64,7 +65,7 @@ def test_features_through_the_image_cache_equal_decoding_every_file(micro_world,
 
 
 def test_decoded_uint8_path_equals_preprocess(micro_world, micro_base):
-    from clip_refine_lab.data import load_image, load_manifest
+    from clip_refine_lab.data.manifest import load_image, load_manifest
 
     loaded = load_model(str(micro_base))
     records = load_manifest(micro_world.manifest("synthetic-web")).records()[:4]
@@ -129,7 +130,7 @@ def test_cli_refine_and_eval_end_to_end(capsys, tmp_path, micro_base):
 
 
 def test_suite_file_with_linear_probe(tmp_path, micro_world, micro_base):
-    from clip_refine_lab.evaluate import evaluate_model, load_suite
+    from clip_refine_lab.evaluation.evaluate import evaluate_model, load_suite
 
     suite_file = tmp_path / "suite.yaml"
     suite_file.write_text("zero_shot: [colour]\nretrieval: []\ngeometry: [synthetic-retrieval]\n"
@@ -149,7 +150,7 @@ def test_suite_file_with_linear_probe(tmp_path, micro_world, micro_base):
 def test_shipped_suites_resolve(tmp_path):
     from pathlib import Path
 
-    from clip_refine_lab.evaluate import load_suite
+    from clip_refine_lab.evaluation.evaluate import load_suite
 
     for path in sorted((Path(__file__).resolve().parents[1] / "data_manifests" / "suites").glob("*.yaml")):
         suite = load_suite(path)

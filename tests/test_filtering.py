@@ -11,11 +11,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from clip_refine_lab import filtering
-from clip_refine_lab.data import load_manifest
-from clip_refine_lab.data_formats import open_image
-from clip_refine_lab.filtering import clip_score_filter, scores_path
-from clip_refine_lab.models import load_model
+from clip_refine_lab.data import filtering as filtering
+from clip_refine_lab.data.manifest import load_manifest
+from clip_refine_lab.data.formats import open_image
+from clip_refine_lab.data.filtering import clip_score_filter, scores_path
+from clip_refine_lab.models.loading import load_model
 from conftest_data import make_corrupt_image, make_image, make_jsonl, make_webdataset
 
 

@@ -1,4 +1,4 @@
-"""clip_refine_lab.notebook (parameter checking, run selection, example picking) and .widgets."""
+"""clip_refine_lab.ui.notebook (parameter checking, run selection, example picking) and .widgets."""
 
 import ast
 import json
@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from clip_refine_lab import notebook as nb
+from clip_refine_lab import rundir
+from clip_refine_lab.ui import notebook as nb
 from clip_refine_lab.config import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,21 +112,24 @@ def test_parameter_help_covers_every_parameter():
 
 # ---------------------------------------------------------------------------------------- paths
 def test_output_dir_is_taken_from_the_project_root(monkeypatch, tmp_path):
+    monkeypatch.delenv(rundir.OUTPUT_ROOT_ENV, raising=False)
     monkeypatch.chdir(NOTEBOOKS)
-    assert nb.project_root() == ROOT
-    assert nb.resolve_output_dir("runs") == ROOT / "runs"
+    assert rundir.project_root() == ROOT
+    assert rundir.resolve_output_dir("runs") == ROOT / "runs"
     monkeypatch.chdir(ROOT)
-    assert nb.resolve_output_dir("runs") == ROOT / "runs"
-    assert nb.resolve_output_dir(tmp_path / "x") == tmp_path / "x"
+    assert rundir.resolve_output_dir("runs") == ROOT / "runs"
+    assert rundir.resolve_output_dir(tmp_path / "x") == tmp_path / "x"
     monkeypatch.chdir(tmp_path)  # outside the project: the working directory
-    assert nb.resolve_output_dir("runs") == tmp_path.resolve() / "runs"
+    assert rundir.resolve_output_dir("runs") == tmp_path.resolve() / "runs"
+    monkeypatch.setenv(rundir.OUTPUT_ROOT_ENV, str(tmp_path / "elsewhere"))
+    assert rundir.resolve_output_dir("runs") == tmp_path / "elsewhere" / "runs"
 
 
 def test_relative_data_paths_are_found_from_notebooks(monkeypatch):
     monkeypatch.chdir(NOTEBOOKS)
     manifest = sorted((ROOT / "data_manifests").glob("*.yaml"))[0]
     rel = str(manifest.relative_to(ROOT))
-    assert nb.resolve_path(rel) == manifest
+    assert rundir.resolve_path(rel) == manifest
     cfg = nb.check_parameters(parameters_of("02_refine") | {"data": rel}, "02_refine").config
     assert cfg.data == str(manifest)
 
@@ -146,15 +150,15 @@ def test_run_selection(tmp_path):
     b = fake_run(tmp_path, "b", "micro", mtime=2000)
     fake_run(tmp_path, "c", "default", mtime=3000)
     fake_run(tmp_path, "d", "micro", finished=False)
-    assert nb.finished_runs(tmp_path, "micro") == [a, b]
-    assert [p.name for p in nb.finished_runs(tmp_path, "any")] == ["a", "b", "c"]
+    assert rundir.finished_runs(tmp_path, "micro") == [a, b]
+    assert [p.name for p in rundir.finished_runs(tmp_path, "any")] == ["a", "b", "c"]
     assert nb.select_runs(None, tmp_path, "micro") == [b]  # the latest of the preset
     assert nb.select_runs("a", tmp_path, "micro") == [a.resolve()]
     assert nb.select_runs(["b", str(a)], tmp_path) == [b.resolve(), a.resolve()]
     with pytest.raises(FileNotFoundError, match="finished runs there: a, b, c"):
         nb.select_runs("zzz", tmp_path)
     with pytest.raises(FileNotFoundError, match="not finished"):
-        nb.find_run("d", tmp_path)
+        rundir.find_run("d", tmp_path)
     with pytest.raises(FileNotFoundError, match="no finished run of preset 'default'"):
         nb.select_runs(None, tmp_path / "empty", "default", make=False)
 
@@ -253,7 +257,7 @@ def test_select_runs_makes_a_quick_run_once(quick):
 
 
 def test_examples_from_a_run(quick):
-    from clip_refine_lab.evaluate import load_run_models
+    from clip_refine_lab.evaluation.evaluate import load_run_models
 
     out, run = quick
     base, refined = load_run_models(run)
@@ -294,7 +298,7 @@ def test_examples_from_a_run(quick):
 
 # ------------------------------------------------------------------------------------------ widgets
 def test_refine_form_runs_with_its_values(tmp_path):
-    from clip_refine_lab.widgets import RefineForm
+    from clip_refine_lab.ui.widgets import RefineForm
 
     calls = []
 
@@ -334,7 +338,7 @@ def test_refine_form_runs_with_its_values(tmp_path):
 
 
 def test_run_picker_renders_the_selection(tmp_path):
-    from clip_refine_lab.widgets import RunPicker
+    from clip_refine_lab.ui.widgets import RunPicker
 
     a, b = fake_run(tmp_path, "a", "micro"), fake_run(tmp_path, "b", "micro")
     seen = []
@@ -349,7 +353,7 @@ def test_run_picker_renders_the_selection(tmp_path):
 
 
 def test_projection_explorer_passes_its_values():
-    from clip_refine_lab.widgets import ProjectionExplorer
+    from clip_refine_lab.ui.widgets import ProjectionExplorer
 
     seen = []
     ex = ProjectionExplorer(lambda **kw: seen.append(kw), sample_size=120, n_neighbors=7, max_sample=500)
@@ -365,7 +369,7 @@ def test_projection_explorer_passes_its_values():
 def test_leakage_summary_reads_each_runs_metrics(tmp_path):
     import json
 
-    from clip_refine_lab.notebook import leakage_summary
+    from clip_refine_lab.ui.notebook import leakage_summary
 
     done, pending = tmp_path / "done", tmp_path / "pending"
     done.mkdir()

@@ -1,6 +1,6 @@
 """The committed notebooks: thin, parameterised, and without outputs except where nbval compares them.
 
-Fix a failure with ``python -m clip_refine_lab.notebook strip notebooks/*.ipynb`` (keeps the outputs of
+Fix a failure with ``python -m clip_refine_lab.ui.notebook strip notebooks/*.ipynb`` (keeps the outputs of
 ``# NBVAL_CHECK_OUTPUT`` cells; refresh those by executing the notebook on the micro preset first).
 """
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from clip_refine_lab.notebook import CHECK_OUTPUT_MARK, NOTEBOOK_PARAMETERS, strip_outputs
+from clip_refine_lab.ui.notebook import CHECK_OUTPUT_MARK, NOTEBOOK_PARAMETERS, strip_outputs
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))  # every notebook: valid, no stray outputs, literal parameters
-TOUR = [NOTEBOOKS / f"{stem}.ipynb" for stem in NOTEBOOK_PARAMETERS]  # the tour 01-07: clip_refine_lab.notebook
-HINT = "run `python -m clip_refine_lab.notebook strip notebooks/*.ipynb` before committing"
+TOUR = [NOTEBOOKS / f"{stem}.ipynb" for stem in NOTEBOOK_PARAMETERS]  # the tour 01-07: clip_refine_lab.ui.notebook
+HINT = "run `python -m clip_refine_lab.ui.notebook strip notebooks/*.ipynb` before committing"
 
 
 def test_the_tour_notebooks_are_there():
@@ -81,7 +81,7 @@ def test_parameters_cell_is_plain_literals(path):
         names.append(node.targets[0].id)
     if path.stem in NOTEBOOK_PARAMETERS:
         assert names == list(NOTEBOOK_PARAMETERS[path.stem]), (
-            f"{path.name}: parameters cell and clip_refine_lab.notebook.NOTEBOOK_PARAMETERS disagree")
+            f"{path.name}: parameters cell and clip_refine_lab.ui.notebook.NOTEBOOK_PARAMETERS disagree")
 
 
 @pytest.mark.parametrize("path", TOUR, ids=lambda p: p.stem)

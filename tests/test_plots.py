@@ -1,4 +1,4 @@
-"""clip_refine_lab.plots (figure builders, LivePlot, PNG export) and clip_refine_lab.projections."""
+"""clip_refine_lab.plots (figure builders, LivePlot, PNG export) and clip_refine_lab.evaluation.projections."""
 
 import base64
 import io
@@ -164,7 +164,7 @@ def feature_sets():
 
 
 def test_feature_points():
-    from clip_refine_lab.projections import feature_points
+    from clip_refine_lab.evaluation.projections import feature_points
 
     cls, cap = feature_sets()
     x, meta = feature_points(cls, np.array([0, 5, 6]))
@@ -179,7 +179,7 @@ def test_feature_points():
 @pytest.mark.parametrize("method", ["pca", "umap"])
 @pytest.mark.parametrize("dims", [2, 3])
 def test_projection_frame_and_figure(method, dims):
-    from clip_refine_lab.projections import projection_frame
+    from clip_refine_lab.evaluation.projections import projection_frame
 
     cls, _ = feature_sets()
     frame = projection_frame({"pre-trained": cls, "run": cls}, method=method, dims=dims, sample_size=25,
@@ -197,7 +197,7 @@ def test_projection_frame_and_figure(method, dims):
 
 
 def test_project_rejects_bad_arguments():
-    from clip_refine_lab.projections import project
+    from clip_refine_lab.evaluation.projections import project
 
     x = np.random.default_rng(0).normal(size=(10, 4))
     with pytest.raises(ValueError, match="method must be one of pca, umap"):

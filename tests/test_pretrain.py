@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from clip_refine_lab.pretrain import RECIPES, PretrainRecipe, base_checkpoint_path, pretrain_base
+from clip_refine_lab.embedded.pretrain import RECIPES, PretrainRecipe, base_checkpoint_path, pretrain_base
 
 
 def test_base_summary_records_the_recipe_and_its_hard_negatives(micro_base):
@@ -18,7 +18,7 @@ def test_base_summary_records_the_recipe_and_its_hard_negatives(micro_base):
 
 def test_base_summary_reports_the_relation_probe_apart(micro_base):
     from clip_refine_lab.metrics import zero_shot_average
-    from clip_refine_lab.pretrain import format_summary
+    from clip_refine_lab.embedded.pretrain import format_summary
 
     summary = json.loads(micro_base.with_suffix(".json").read_text())
     assert summary["zero_shot"]["relation"]["probe"] is True
@@ -34,8 +34,8 @@ def test_second_call_loads_instead_of_training(micro_base, monkeypatch):
     def must_not_train(*args, **kwargs):
         raise AssertionError("pretrain_base trained again although the base is cached")
 
-    monkeypatch.setattr("clip_refine_lab.models.load_model", must_not_train)
-    monkeypatch.setattr("clip_refine_lab.world.build_world", must_not_train)
+    monkeypatch.setattr("clip_refine_lab.models.loading.load_model", must_not_train)
+    monkeypatch.setattr("clip_refine_lab.embedded.world.build_world", must_not_train)
     assert pretrain_base(world_preset="micro", progress=False) == micro_base
 
 

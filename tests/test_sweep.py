@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from clip_refine_lab import sweep as sw
+from clip_refine_lab.sweep import sweep as sw
 from clip_refine_lab.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_data_refs_and_labels(tmp_path):
 
 
 def test_where_filter_writes_a_narrower_training_set(tmp_path, micro_world):
-    from clip_refine_lab.data import load_manifest
+    from clip_refine_lab.data.manifest import load_manifest
 
     spec = spec_of({"narrow": {"table": "data", "seeds": [0], "runs": [
         {"data": {"split": "synthetic-coco", "where": {"colour": ["red", "green", "blue", "yellow"]}}},
@@ -80,7 +80,7 @@ def test_where_filter_writes_a_narrower_training_set(tmp_path, micro_world):
 
 
 def test_where_position_keeps_scenes_whose_every_object_is_in_the_listed_cells():
-    from clip_refine_lab.world import CELLS, POSITION_NAMES
+    from clip_refine_lab.embedded.world import CELLS, POSITION_NAMES
 
     middle_row = ["middle left", "centre", "middle right"]
     assert [POSITION_NAMES[CELLS.index(c)] for c in ((1, 0), (1, 1), (1, 2))] == middle_row
@@ -197,9 +197,9 @@ def test_identical_configs_are_shared_not_rerun(tmp_path, monkeypatch):
         suites.append(suite)
         (Path(run_dir) / "metrics.json").write_text(json.dumps(_metrics(Path(run_dir).name, {"shape": 0.5}, 0.1, 1.0)))
 
-    monkeypatch.setattr("clip_refine_lab.train.refine", fake_refine)
-    monkeypatch.setattr("clip_refine_lab.evaluate.evaluate_run", fake_eval)
-    monkeypatch.setattr("clip_refine_lab.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
+    monkeypatch.setattr("clip_refine_lab.training.loop.refine", fake_refine)
+    monkeypatch.setattr("clip_refine_lab.evaluation.evaluate.evaluate_run", fake_eval)
+    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
     report = sw.run_sweep(spec, sweep_dir, progress=False)
     assert calls == ["clip-refine-s0", "alpha1-s0", "alpha0.5-s0"] and report.ok
     assert report.skipped == ["alpha/alpha0.5-s0"]
@@ -341,9 +341,9 @@ def test_second_invocation_runs_nothing(tmp_path, monkeypatch):
                                         seeds=(0,))
     for r in runs:
         _write_run(r, _metrics(r.run_name, {"shape": 0.5}, 0.1, 1.0))
-    monkeypatch.setattr("clip_refine_lab.train.refine", _boom)
-    monkeypatch.setattr("clip_refine_lab.evaluate.evaluate_run", _boom)
-    monkeypatch.setattr("clip_refine_lab.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
+    monkeypatch.setattr("clip_refine_lab.training.loop.refine", _boom)
+    monkeypatch.setattr("clip_refine_lab.evaluation.evaluate.evaluate_run", _boom)
+    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
     report = sw.run_sweep(spec, sweep_dir, progress=False)
     assert report.ok and report.skipped == ["main/hycd-s0", "main/self-kd-s0"] and not report.ran
     assert "main_zero_shot" in report.tables
@@ -368,9 +368,9 @@ def test_failed_run_is_logged_and_sweep_continues(tmp_path, monkeypatch):
         name = Path(run_dir).name
         (Path(run_dir) / "metrics.json").write_text(json.dumps(_metrics(name, {"shape": 0.5}, 0.1, 1.0)))
 
-    monkeypatch.setattr("clip_refine_lab.train.refine", fake_refine)
-    monkeypatch.setattr("clip_refine_lab.evaluate.evaluate_run", fake_eval)
-    monkeypatch.setattr("clip_refine_lab.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
+    monkeypatch.setattr("clip_refine_lab.training.loop.refine", fake_refine)
+    monkeypatch.setattr("clip_refine_lab.evaluation.evaluate.evaluate_run", fake_eval)
+    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
     report = sw.run_sweep(spec, sweep_dir, progress=False)
     assert calls == ["hycd-s0", "self-kd-s0"]
     assert [k for k, _ in report.failed] == ["main/hycd-s0"] and "loss exploded" in report.failed[0][1]
@@ -388,8 +388,8 @@ def test_changed_config_under_same_name_is_reported(tmp_path, monkeypatch):
     other = RunConfig(**{**run.config.resolved().to_dict(), "lr": 0.5})
     other.to_yaml(run.run_dir / "config.yaml")
     (run.run_dir / "summary.json").write_text("{}")
-    monkeypatch.setattr("clip_refine_lab.train.refine", _boom)
-    monkeypatch.setattr("clip_refine_lab.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
+    monkeypatch.setattr("clip_refine_lab.training.loop.refine", _boom)
+    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
     report = sw.run_sweep(spec, sweep_dir, progress=False, outputs=False)
     assert len(report.failed) == 1 and "different configuration (lr)" in report.failed[0][1]
 
@@ -400,12 +400,12 @@ def test_run_from_an_older_embedded_base_is_reported(tmp_path, monkeypatch):
     run = runs[0]
     _write_run(run, None)
     current = tmp_path / "cache" / "base" / "micro-vit-32-newkey.safetensors"
-    monkeypatch.setattr("clip_refine_lab.pretrain.base_checkpoint_path", lambda *a, **k: current)
+    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: current)
     (run.run_dir / "base.json").write_text(json.dumps({"pretrained": "/elsewhere/base/micro-vit-32-newkey.safetensors"}))
     assert sw.config_mismatch(run) == []  # same base, other cache directory: not a change
     (run.run_dir / "base.json").write_text(json.dumps({"pretrained": "/elsewhere/base/micro-vit-32-oldkey.safetensors"}))
     assert sw.config_mismatch(run) == ["pretrained: the embedded base model is a newer version"]
-    monkeypatch.setattr("clip_refine_lab.train.refine", _boom)
+    monkeypatch.setattr("clip_refine_lab.training.loop.refine", _boom)
     report = sw.run_sweep(spec, sweep_dir, progress=False, outputs=False)
     assert len(report.failed) == 1 and "embedded base model is a newer version" in report.failed[0][1]
 
@@ -417,8 +417,8 @@ def test_interrupted_run_is_resumed(tmp_path, monkeypatch):
     (run.run_dir / "checkpoints").mkdir()
     (run.run_dir / "checkpoints" / "last.pt").write_bytes(b"x")
     seen = []
-    monkeypatch.setattr("clip_refine_lab.train.refine", lambda cfg, progress=True: seen.append(cfg) or run.run_dir)
-    monkeypatch.setattr("clip_refine_lab.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
+    monkeypatch.setattr("clip_refine_lab.training.loop.refine", lambda cfg, progress=True: seen.append(cfg) or run.run_dir)
+    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
     report = sw.run_sweep(spec, sweep_dir, progress=False, evaluate=False, outputs=False)
     assert report.resumed == ["main/hycd-s0"] and seen[0].run_name == "hycd-s0"
     assert sw.read_log(sweep_dir)[1]["event"] == "resumed"
@@ -453,8 +453,8 @@ def test_tiny_end_to_end_sweep(tmp_path, micro_base, monkeypatch):
     data = tmp_path / "sw" / "data"
     assert (data / "synthetic-web-n200.yaml").is_file() and (data / "synthetic-web-n200-clip0.5-micro-vit-32.yaml").is_file()
     # again: nothing runs, nothing is evaluated
-    monkeypatch.setattr("clip_refine_lab.train.refine", _boom)
-    monkeypatch.setattr("clip_refine_lab.evaluate.evaluate_run", _boom)
+    monkeypatch.setattr("clip_refine_lab.training.loop.refine", _boom)
+    monkeypatch.setattr("clip_refine_lab.evaluation.evaluate.evaluate_run", _boom)
     again = sw.run_sweep(spec, tmp_path / "sw", progress=False)
     assert again.ok and not again.ran and len(again.skipped) == 2
     assert math.isclose(again.tables.mean["main_zero_shot"].loc["clip-refine", "average"],

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from clip_refine_lab.config import ConfigError, RunConfig
 from clip_refine_lab.methods import METHODS
-from clip_refine_lab.train import NonFiniteLossError, Refiner, read_log, refine
+from clip_refine_lab.training.loop import NonFiniteLossError, Refiner, refine
+from clip_refine_lab.rundir import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ def test_distributed_two_gloo_processes_match_single_process(tmp_path, micro_bas
     script.write_text(textwrap.dedent(f"""
         import os, torch
         from clip_refine_lab.config import RunConfig
-        from clip_refine_lab.train import Refiner, init_distributed_from_env
+        from clip_refine_lab.training.loop import Refiner, init_distributed_from_env
         init_distributed_from_env()
         cfg = RunConfig(preset="micro", method=os.environ["METHOD"], output_dir={str(tmp_path / 'runs')!r},
                         run_name="ddp", batch_size=32, epochs=1).resolved()
@@ -115,7 +116,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path, micro_base):
     # Kill the process (SIGKILL: no cleanup) in the middle of step 5, after the step-4 checkpoint.
     script.write_text(textwrap.dedent(f"""
         import os, signal
-        from clip_refine_lab import train
+        from clip_refine_lab.training import loop as train
         from clip_refine_lab.config import RunConfig
         original = train.Refiner.compute_loss
         def compute_loss(self, images, tokens, step, *, train, **kw):
@@ -143,7 +144,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path, micro_base):
 
 
 def test_nan_loss_stops_with_step_and_term_and_keeps_checkpoint(tmp_path, micro_base, monkeypatch):
-    from clip_refine_lab import train
+    from clip_refine_lab.training import loop as train
 
     original = train.loss_terms
     calls = {"n": 0}
@@ -210,7 +211,7 @@ def test_worker_processes_load_the_same_batches(tmp_path, micro_base):
 def test_batch_norm_statistics_stay_frozen_so_self_kd_starts_at_zero(tmp_path, micro_world):
     """A ModifiedResNet tower has batch norm: in plain train mode the student would use batch statistics and
     differ from its eval-mode teacher at step 0. The trainer keeps the running statistics instead."""
-    from clip_refine_lab.models import train_with_frozen_batch_norm
+    from clip_refine_lab.models.loading import train_with_frozen_batch_norm
 
     cfg = micro_config(tmp_path, method="self-kd", model="tiny-rn-48", pretrained=None, batch_size=16, epochs=1)
     refiner = Refiner(cfg.resolved(), progress=False)

@@ -8,10 +8,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from clip_refine_lab import train
+from clip_refine_lab.training import loop as train
 from clip_refine_lab.config import ConfigError, RunConfig
-from clip_refine_lab.data import Manifest
-from clip_refine_lab.train import Refiner, read_log, refine
+from clip_refine_lab.data.manifest import Manifest
+from clip_refine_lab.training.loop import Refiner, refine
+from clip_refine_lab.rundir import read_log
 from conftest_data import make_coco, make_webdataset, write_manifest_yaml
 
 SHARDS, PER_SHARD, BATCH = 5, 8, 8  # val_fraction 0.2: shard 4 validates, shards 0-3 train (4 steps/epoch)
@@ -192,8 +193,8 @@ def test_leakage_check_at_the_start_of_a_run(tmp_path, micro_base, capsys):
 def test_sample_count_from_img2dataset_stats(tmp_path):
     import json
 
-    from clip_refine_lab.data import load_manifest
-    from clip_refine_lab.data_formats import ManifestError, manifest_num_samples, manifest_shards
+    from clip_refine_lab.data.manifest import load_manifest
+    from clip_refine_lab.data.formats import ManifestError, manifest_num_samples, manifest_shards
 
     man, _ = shards_manifest(tmp_path, num_samples=None)
     manifest = load_manifest(man)
@@ -210,7 +211,7 @@ def test_sample_count_from_img2dataset_stats(tmp_path):
 
 
 def test_evaluation_does_not_list_streamed_training_shards(tmp_path, no_listing):
-    from clip_refine_lab.evaluate import _leakage
+    from clip_refine_lab.evaluation.evaluate import _leakage
 
     man, _ = shards_manifest(tmp_path)
     out = _leakage(stream_config(tmp_path, man), suite=None, data_root=None)

@@ -1,4 +1,4 @@
-"""Tests of the embedded synthetic world (clip_refine_lab.world), on the "micro" preset.
+"""Tests of the embedded synthetic world (clip_refine_lab.embedded.world), on the "micro" preset.
 
 The caption checker below is written independently of the caption generator: it only uses the
 exported vocabulary tables, parses a caption into claims (noun phrases with count/size/colour/shape,
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_refine_lab import data
-from clip_refine_lab import world as W
+from clip_refine_lab.data import manifest as data
+from clip_refine_lab.embedded import world as W
 
 MICRO = W.WorldConfig.preset("micro")
 

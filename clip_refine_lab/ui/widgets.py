@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import ipywidgets as W
 
-from .config import METHOD_NAMES, PRIOR_NAMES, ConfigError, RunConfig
+from ..config import METHOD_NAMES, PRIOR_NAMES, ConfigError, RunConfig
 
 _LABEL = {"description_width": "90px"}
 _WIDE = W.Layout(width="420px")
@@ -75,7 +75,7 @@ class RefineForm(W.VBox):
         return cfg.validate()
 
     def _on_click(self, _button=None) -> None:
-        from .plots import LivePlot
+        from ..plots import LivePlot
 
         try:
             cfg = self.current_config()
@@ -91,7 +91,7 @@ class RefineForm(W.VBox):
                 plot.display()
                 run = self._run
                 if run is None:
-                    from .train import refine as run
+                    from ..training.loop import refine as run
                 run_dir = Path(run(cfg, callback=plot))
                 plot.finish()
                 print(f"run directory: {run_dir}")

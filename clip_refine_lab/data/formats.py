@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .data import (
+from .manifest import (
     DATA_ROOT_ENV,
     CaptionRecord,
     ClassificationRecord,
@@ -1194,7 +1194,7 @@ def write_tar_shards(samples: Iterable[dict], out_dir: str | os.PathLike, *, sam
     Each shard is written to a temporary file and renamed when complete (atomic per shard).
     Returns the shard paths written.
     """
-    from .utils import atomic_path
+    from ..utils import atomic_path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -50,16 +50,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, RunConfig
-from .data import CaptionPairs, CaptionRecord, load_manifest
-from .data_formats import is_streaming
-from .features import Subset
-from .distributed import gather_features, world_info
-from .methods import Method, get_method, loss_terms
-from .models import (LoadedModel, ModelSpec, compile_towers, load_model, save_checkpoint, train_with_frozen_batch_norm,
+from ..config import ConfigError, RunConfig
+from ..data.manifest import CaptionPairs, CaptionRecord, load_manifest
+from ..data.formats import is_streaming
+from ..features import Subset
+from ..distributed import gather_features, world_info
+from ..methods import Method, get_method, loss_terms
+from ..optim import build_adamw, clamp_logit_scale, lr_at, set_lr
+from ..models.loading import (LoadedModel, ModelSpec, compile_towers, load_model, save_checkpoint, train_with_frozen_batch_norm,
                      use_channels_last, use_sdpa_attention)
-from .priors import build_prior, feature_statistics
-from .utils import atomic_path, atomic_write, atomic_write_json, seed_everything
+from ..priors import build_prior, feature_statistics
+from ..rundir import truncate_log
+from ..utils import append_jsonl, atomic_path, atomic_write, atomic_write_json, seed_everything
 
 # Fields that may differ between a run and its resumption (where and how fast, not what is computed).
 RESUMABLE_FIELDS = ("output_dir", "run_name", "device", "num_workers", "log_every", "max_steps",
@@ -92,8 +94,8 @@ def resolve_data(cfg: RunConfig) -> "Path":
         if not Path(data).is_file():
             raise ConfigError(f"data: manifest file not found: {data}")
         return Path(data)
-    from .config import PRESETS
-    from .world import WorldConfig, build_world
+    from ..config import PRESETS
+    from ..embedded.world import WorldConfig, build_world
 
     world = build_world(WorldConfig.preset(PRESETS[cfg.preset].world))  # type: ignore[index]
     try:
@@ -107,34 +109,6 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
     order = np.random.default_rng((seed, 0x7A1)).permutation(n)
     n_val = 0 if val_fraction == 0 else max(1, int(round(n * val_fraction)))
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW; decay on every parameter (released code) or, with no_decay_gains, not on gains/biases/scale."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.no_decay_gains:
-        exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-        groups = [{"params": [p for n, p in params if not exclude(n, p)], "weight_decay": cfg.weight_decay},
-                  {"params": [p for n, p in params if exclude(n, p)], "weight_decay": 0.0}]
-    else:
-        groups = [{"params": [p for _, p in params], "weight_decay": cfg.weight_decay}]
-    # The fused kernel is much faster than the per-parameter loop (CPU support since torch 2.4).
-    kwargs = {"fused": True} if fused_adamw_available(next(model.parameters()).device) else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, **kwargs)
-
-
-def fused_adamw_available(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return device.type == "cpu" and (major, minor) >= (2, 4)
-
-
-def lr_at(step: int, total: int, cfg: RunConfig) -> float:
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    if cfg.schedule == "cosine":
-        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
-    return cfg.lr * warm
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -221,7 +195,9 @@ class Refiner:
             self.teacher_features = self._teacher_cache(all_records, records, train_idx, val_idx)
         self.val_every = cfg.val_every or max(1, self.steps_per_epoch // 4)
         self.checkpoint_every = cfg.checkpoint_every or self.val_every
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_adamw(self.model.named_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                     exclude_gains=cfg.no_decay_gains, device=next(self.model.parameters()).device)
         self.prior = self._build_prior() if self.method.needs_prior else None
         self.autocast = self._autocast()
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -241,7 +217,7 @@ class Refiner:
           ``seed``; ``on_bad_sample`` fail -> raise, skip -> skip. See :meth:`_stream_batches` for
           epochs, running out of shards and resuming.
         """
-        from .data_formats import WebDatasetPairs, manifest_num_samples, manifest_shards
+        from ..data.formats import WebDatasetPairs, manifest_num_samples, manifest_shards
 
         cfg, m = self.cfg, self.manifest
         if cfg.teacher_cache:
@@ -292,7 +268,7 @@ class Refiner:
     @staticmethod
     def _first_keys(shards, limit: int) -> list[str]:
         """Keys of the first ``limit`` samples of ``shards`` in order (tar headers only: no decoding)."""
-        from .data_formats import iter_tar_samples
+        from ..data.formats import iter_tar_samples
 
         keys: list[str] = []
         for shard in shards:
@@ -362,7 +338,7 @@ class Refiner:
     def _streamed_features(self, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw image and text features of the first ``limit`` training pairs, shards in manifest order
         (the same on every rank), one caption per image as streamed: for the *-stats priors."""
-        from .data_formats import WebDatasetPairs
+        from ..data.formats import WebDatasetPairs
 
         ds = WebDatasetPairs.from_manifest(self.manifest, self.base.preprocess, self.base.tokenizer,
                                            shards=self.train_shards, seed=self.cfg.seed, shuffle_shards=False,
@@ -385,7 +361,7 @@ class Refiner:
     def _screen(self, records: list[CaptionRecord]) -> tuple[list[CaptionRecord], int]:
         if self.cfg.on_bad_sample != "skip":
             return records, 0
-        from .datacheck import clean_captions, is_readable
+        from ..data.check import clean_captions, is_readable
 
         good = []
         for r in tqdm(records, desc="screen samples", disable=not self.progress, leave=False):
@@ -403,7 +379,7 @@ class Refiner:
     def _image_cache(self, all_records: list, records: list):
         if not self.cfg.image_cache:
             return None
-        from .features import DecodedImages
+        from ..features import DecodedImages
 
         cache = DecodedImages(all_records, self.base.preprocess, self.manifest, progress=self.progress)
         return Subset(cache, self._positions(all_records, records))
@@ -416,7 +392,7 @@ class Refiner:
         data set and reused across epochs and across every run of a sweep."""
         if not (self.cfg.teacher_cache and self.teacher is not None):
             return None
-        from .features import dataset_features
+        from ..features import dataset_features
 
         fs = dataset_features(self.base, self.manifest, device=self.device, progress=self.progress)
         offsets = np.concatenate([[0], np.cumsum([len(r.captions) for r in all_records])])
@@ -455,8 +431,8 @@ class Refiner:
         (streaming: on its first ``STREAM_STATS_SAMPLES`` pairs)."""
         from safetensors.torch import load_file, save_file
 
-        from .features import encode_images, encode_texts
-        from .data import Images
+        from ..features import encode_images, encode_texts
+        from ..data.manifest import Images
 
         path = self.run_dir / "prior_stats.safetensors"
         if not path.is_file():
@@ -658,7 +634,7 @@ class Refiner:
             save_checkpoint(self.model, self.run_dir / name, self.base.spec, method=self.cfg.method)
 
     def _emit(self, log_path: Path, record: dict) -> None:
-        _append(log_path, record)
+        append_jsonl(log_path, record)
         if self.callback is not None:
             self.callback(record)
 
@@ -668,7 +644,7 @@ class Refiner:
         step, best_val = self.load_state()
         log_path = self.run_dir / "log.jsonl"
         if self.rank == 0:
-            _truncate_log(log_path, step)
+            truncate_log(log_path, step)
             if step == 0 and cfg.leakage_suite is not None:
                 self.check_leakage(log_path)
         if step == 0 and self.has_val:
@@ -688,9 +664,8 @@ class Refiner:
             t0 = time.perf_counter()
             images, tokens, items = next(batches)
             images, tokens = self.to_device(images, tokens)
-            lr = lr_at(step, self.total_steps, cfg)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
+            lr = lr_at(step, self.total_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule)
+            set_lr(self.optimizer, lr)
             self.optimizer.zero_grad(set_to_none=True)
             terms = self.compute_loss(images, tokens, step, train=True,
                                       teacher=self.teacher_batch("train", self.train_set, items, epoch))
@@ -704,8 +679,7 @@ class Refiner:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            with torch.no_grad():  # CLIP keeps its learned temperature at or below 100
-                self.model.logit_scale.clamp_(0, math.log(100))
+            clamp_logit_scale(self.model)
             step += 1
             if self.rank == 0 and (step % cfg.log_every == 0 or step == self.total_steps):
                 if self.device.type == "cuda":  # kernels run asynchronously: time the step, not its launch
@@ -750,8 +724,8 @@ class Refiner:
         as such) for streaming manifests, whose records the trainer never lists: check them offline
         with ``clip-refine-lab data leakage``. A suite whose data is missing is logged, not fatal.
         """
-        from .data import ManifestError
-        from .evaluate import load_suite, suite_leakage
+        from ..data.manifest import ManifestError
+        from ..evaluation.evaluate import load_suite, suite_leakage
 
         record: dict = {"kind": "leakage", "step": 0, "suite": str(self.cfg.leakage_suite)}
         if self.streaming:
@@ -771,7 +745,7 @@ class Refiner:
                               evals={e.name: e.overlap for e in report.evals})
                 if report.leaks:
                     print("WARNING: evaluation images are in the training set\n" + report.format())
-        _append(log_path, record)  # not through the callback: live plots expect train/val records
+        append_jsonl(log_path, record)  # not through the callback: live plots expect train/val records
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -809,27 +783,6 @@ def step_record(terms: dict, step: int, epoch: int, lr: float, pairs_per_s: floa
     return record
 
 
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (a killed run may have left some)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    keep = [line for line in lines if step > 0 and json.loads(line)["step"] <= step]
-    atomic_write(path, "".join(line + "\n" for line in keep))
-
-
-def read_log(run_dir: str | os.PathLike, kind: str = "train") -> list[dict]:
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        return []
-    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if r["kind"] == kind]
-
-
 # ------------------------------------------------------------------------------------ entry point
 def refine(config: RunConfig, *, progress: bool = True, resume: bool = True, callback=None) -> Path:
     """Run post-pre-training as configured and return the run directory.
@@ -863,12 +816,6 @@ def refine(config: RunConfig, *, progress: bool = True, resume: bool = True, cal
         cfg.to_yaml(saved)
         atomic_write_json(run_dir / "base.json", asdict(refiner.base.spec))
     return refiner.run()
-
-
-def load_run_spec(run_dir: str | os.PathLike) -> ModelSpec:
-    """The starting model's spec recorded in a run directory."""
-    values = json.loads((Path(run_dir) / "base.json").read_text())
-    return ModelSpec(**values)
 
 
 def init_distributed_from_env() -> None:

@@ -32,13 +32,14 @@ from typing import Iterable, Sequence
 import torch
 import yaml
 
-from .config import PRESETS, RunConfig, preset_name
-from .data import load_manifest
-from .features import FeatureSet, dataset_features
-from .metrics import (alignment, class_embeddings, classification_metrics, linear_probe, modality_gap,
+from ..config import PRESETS, RunConfig, preset_name
+from ..rundir import load_run_spec, run_config
+from ..data.manifest import load_manifest
+from ..features import FeatureSet, dataset_features
+from ..metrics import (alignment, class_embeddings, classification_metrics, linear_probe, modality_gap,
                       pooled_uniformity, retrieval_metrics, shift_along_gap, zero_shot_logits)
-from .models import LoadedModel, load_model, reload_spec
-from .utils import atomic_write, atomic_write_json
+from ..models.loading import LoadedModel, load_model, reload_spec
+from ..utils import atomic_write, atomic_write_json
 
 PRETRAINED_LABEL = "pre-trained"
 
@@ -52,7 +53,7 @@ class Suite:
 
 
 def _world(preset: str | None):
-    from .world import WorldConfig, build_world
+    from ..embedded.world import WorldConfig, build_world
 
     return build_world(WorldConfig.preset(PRESETS[preset_name(preset)].world), progress=False)
 
@@ -125,7 +126,7 @@ def evaluate_model(loaded: LoadedModel, suite: Suite, *, device: str | torch.dev
                    data_root: str | None = None, image_cache: bool = False) -> dict:
     """All metrics of one model on a suite (features through the cache; images through the decoded-image
     cache with ``image_cache``)."""
-    from .features import weights_fingerprint
+    from ..features import weights_fingerprint
 
     fp = weights_fingerprint(loaded.model)
     feats = lambda m: dataset_features(loaded, m, device=device, data_root=data_root, progress=progress,  # noqa: E731
@@ -156,7 +157,7 @@ def gap_shift_curve(loaded: LoadedModel, caption_manifest, class_manifest, lambd
     """Liang et al.'s gap-shift experiment: shift image and text features along the unit gap direction
     (measured on the caption set) by each lambda, re-normalise, and re-measure the gap, zero-shot top-1
     and retrieval R@1 in both directions."""
-    from .metrics import gap_vector
+    from ..metrics import gap_vector
 
     cap = dataset_features(loaded, caption_manifest, device=device, progress=progress)
     cls = dataset_features(loaded, class_manifest, device=device, progress=progress)
@@ -175,15 +176,9 @@ def gap_shift_curve(loaded: LoadedModel, caption_manifest, class_manifest, lambd
 
 
 # -------------------------------------------------------------------------------------- runs
-def run_config(run_dir: str | os.PathLike) -> RunConfig:
-    return RunConfig.from_yaml(Path(run_dir) / "config.yaml")
-
-
 def load_run_models(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
                     checkpoint: str = "best") -> tuple[LoadedModel, LoadedModel]:
     """(starting model, refined model) of a run; ``checkpoint`` is best (default) or final."""
-    from .train import load_run_spec
-
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     spec = load_run_spec(run_dir)
@@ -201,7 +196,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None 
     """Evaluate a run's refined model and its starting model; write metrics.json and metrics.csv.
 
     ``image_cache=None`` follows the run's own ``image_cache`` setting."""
-    from .train import resolve_device
+    from ..training.loop import resolve_device
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
@@ -228,8 +223,8 @@ def suite_leakage(train, suite: Suite, data_root: str | None = None):
     """Image-id overlap between a training manifest and every evaluation set of ``suite`` (no hashing), or
     None for a streamed (WebDataset) training manifest: listing web-scale shards means reading all of them,
     so those are checked offline with ``clip-refine-lab data leakage``. Used by evaluation and the trainer."""
-    from .data_formats import is_streaming
-    from .datacheck import leakage_report
+    from ..data.formats import is_streaming
+    from ..data.check import leakage_report
 
     if is_streaming(train):
         return None
@@ -239,7 +234,7 @@ def suite_leakage(train, suite: Suite, data_root: str | None = None):
 
 def _leakage(cfg: RunConfig, suite: Suite, data_root: str | None) -> dict:
     """Image overlap between the training pairs and every evaluation set (REFERENCE.md: COCO pitfall)."""
-    from .train import resolve_data
+    from ..training.loop import resolve_data
 
     train = load_manifest(resolve_data(cfg), data_root=data_root or cfg.data_root)
     report = suite_leakage(train, suite, data_root or cfg.data_root)
@@ -323,11 +318,3 @@ def format_tables(result_or_tables: dict) -> str:
         parts.append(leak["text"])
     return "\n\n".join(parts)
 
-
-def latest_run(output_dir: str | os.PathLike = "runs") -> Path:
-    """The most recently finished run directory under ``output_dir`` (notebooks' default)."""
-    done = sorted(Path(output_dir).glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
-    if not done:
-        raise FileNotFoundError(f"no finished run under {output_dir}/; run notebooks/02_refine.ipynb or "
-                                "`clip-refine-lab refine` first")
-    return done[-1].parent

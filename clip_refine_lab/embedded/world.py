@@ -49,8 +49,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import write_manifest
-from .utils import atomic_write_json, cache_dir, stable_hash
+from ..data.manifest import write_manifest
+from ..utils import atomic_write_json, cache_dir, stable_hash
 
 # 5: the relation task's manifests say ``probe: true`` (a compositional probe, not in the zero-shot average),
 # and the ``web_palette`` (off) and ``web_tint`` options. Each enters the world hash only when on, so a config

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .config import ConfigError, RunConfig, preset_name
+from ..config import ConfigError, RunConfig, preset_name
+from ..rundir import find_run, finished_runs, resolve_output_dir, resolve_path, run_config
 
 CHECK_OUTPUT_MARK = "# NBVAL_CHECK_OUTPUT"
 QUICK_RUN_MAX_STEPS = 20  # the fallback run of notebooks 03-07 (micro preset: its whole epoch is 6 steps)
@@ -208,7 +209,7 @@ def check_parameters(namespace: dict, notebook: str) -> Parameters:
 
 def parameter_help(notebook: str) -> str:
     """One line per parameter of ``notebook`` (for docs and error hints)."""
-    from .config import FIELD_HELP
+    from ..config import FIELD_HELP
 
     lines = []
     for n in NOTEBOOK_PARAMETERS[notebook]:
@@ -218,60 +219,10 @@ def parameter_help(notebook: str) -> str:
 
 
 # --------------------------------------------------------------------------------- where things are
-def project_root(start: str | os.PathLike | None = None) -> Path:
-    """The nearest folder at or above ``start`` (default: the working directory) that holds this
-    project (``pyproject.toml`` and ``clip_refine_lab/``); ``start`` itself when there is none."""
-    here = Path(start or os.getcwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / "pyproject.toml").is_file() and (d / "clip_refine_lab").is_dir():
-            return d
-    return here
-
-
-def resolve_output_dir(output_dir: str | os.PathLike = "runs", start: str | os.PathLike | None = None) -> Path:
-    """``output_dir`` as an absolute path; a relative one is taken from the project root."""
-    p = Path(output_dir).expanduser()
-    return p if p.is_absolute() else project_root(start) / p
-
-
-def run_preset(run_dir: Path) -> str | None:
-    import yaml
-
-    try:
-        return (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("preset")
-    except (OSError, yaml.YAMLError):
-        return None
-
-
-def finished_runs(output_dir: str | os.PathLike = "runs", preset: str | None = None) -> list[Path]:
-    """Finished run directories (with ``summary.json``) under ``output_dir`` of ``preset`` (default:
-    the current one), oldest first. ``preset="any"`` lists every run."""
-    root = resolve_output_dir(output_dir)
-    want = None if preset == "any" else preset_name(preset)
-    done = sorted(root.glob("*/summary.json"), key=lambda p: (p.stat().st_mtime, p.parent.name))
-    return [p.parent for p in done if want is None or run_preset(p.parent) == want]
-
-
-def find_run(name: str | os.PathLike, output_dir: str | os.PathLike = "runs") -> Path:
-    """A run directory from a path or a name under ``output_dir``; FileNotFoundError lists the runs."""
-    candidates = [Path(name).expanduser()]
-    if not candidates[0].is_absolute():
-        candidates = [resolve_output_dir(output_dir) / name, Path.cwd() / name, project_root() / name]
-    for c in candidates:
-        if (c / "config.yaml").is_file():
-            if not (c / "summary.json").is_file():
-                raise FileNotFoundError(f"run {c} is not finished (no summary.json); finish it with "
-                                        f"`clip-refine-lab refine --run-name {c.name} --resume` or notebooks/02_refine.ipynb")
-            return c.resolve()
-    known = [p.name for p in finished_runs(output_dir, "any")]
-    raise FileNotFoundError(f"no run '{name}' under {resolve_output_dir(output_dir)}; finished runs there: "
-                            f"{', '.join(known) or 'none'}")
-
-
 def quick_run(output_dir: str | os.PathLike = "runs", preset: str | None = None, *, progress: bool = True) -> Path:
     """A short CLIP-Refine run with the preset's defaults (at most QUICK_RUN_MAX_STEPS steps), made once
     and reused: its name is fixed (``quick-<preset>``) and refine returns a finished run as it is."""
-    from .train import refine
+    from ..training.loop import refine
 
     name = preset_name(preset)
     cfg = RunConfig(output_dir=str(resolve_output_dir(output_dir)), preset=name, run_name=f"quick-{name}",
@@ -326,7 +277,7 @@ def export(fig, figure_dir: str | os.PathLike | None, name: str, **kwargs) -> Pa
     """Save ``fig`` as ``<figure_dir>/<name>.png`` (figure_dir relative to the project root); no-op for None."""
     if figure_dir is None:
         return None
-    from .plots import save_png
+    from ..plots import save_png
 
     path = resolve_output_dir(figure_dir) / f"{name}.png"
     save_png(fig, path, **kwargs)
@@ -346,7 +297,7 @@ def pick(n_total: int, n: int, seed: int = 0) -> list[int]:
 
 def caption_samples(manifest: str | os.PathLike, n: int = 12, seed: int = 0, data_root: str | None = None) -> list[dict]:
     """``n`` records of a manifest as grid items: {"image": path, "caption": first caption or class name}."""
-    from .data import CaptionRecord, load_manifest
+    from ..data.manifest import CaptionRecord, load_manifest
 
     m = load_manifest(manifest, data_root=data_root)
     records = m.records()
@@ -364,8 +315,8 @@ def caption_samples(manifest: str | os.PathLike, n: int = 12, seed: int = 0, dat
 def headline_suite(cfg: RunConfig, suite: str | None = None):
     """The suite notebook 01 measures the starting model on: ``suite`` when given; the embedded world's
     default suite for the embedded model; else retrieval and geometry on the data manifest."""
-    from .evaluate import Suite, default_suite, load_suite
-    from .train import resolve_data
+    from ..evaluation.evaluate import Suite, default_suite, load_suite
+    from ..training.loop import resolve_data
 
     if suite is not None:
         path = resolve_path(suite)
@@ -381,8 +332,8 @@ def headline_suite(cfg: RunConfig, suite: str | None = None):
 def embedded_world(cfg: RunConfig):
     """The embedded world of ``cfg``'s preset (built on first use) when the run uses it (the embedded
     model or a world split as data); None for a real model on a real data set."""
-    from .config import PRESETS
-    from .world import WorldConfig, build_world
+    from ..config import PRESETS
+    from ..embedded.world import WorldConfig, build_world
 
     uses_world = cfg.pretrained == "embedded" or not _looks_like_file(str(cfg.data or "synthetic-coco"))
     if not uses_world:
@@ -393,7 +344,7 @@ def embedded_world(cfg: RunConfig):
 def task_table(world) -> str:
     """The zero-shot tasks of the embedded world: name, number of classes, the first class names; a compositional
     probe (not in the zero-shot average) is marked "(probe)"."""
-    from .world import TASKS, split_specs
+    from ..embedded.world import TASKS, split_specs
 
     if world is None:
         return "(no embedded world: a real model and data set)"
@@ -410,7 +361,7 @@ def base_summary(cfg: RunConfig) -> str | None:
     """The pre-training summary of the embedded base model (None for other models)."""
     if cfg.pretrained != "embedded":
         return None
-    from .pretrain import format_summary, pretrain_base
+    from ..embedded.pretrain import format_summary, pretrain_base
 
     path = pretrain_base(cfg.model, world_preset=cfg.preset, progress=False).with_suffix(".json")
     return format_summary(json.loads(path.read_text())) if path.is_file() else None
@@ -428,7 +379,7 @@ def with_chance(table, manifests: Iterable, data_root: str | None = None):
 
 def predictions(fs) -> "Any":
     """Top-1 zero-shot predictions (N,) of a classification FeatureSet."""
-    from .metrics import class_embeddings, zero_shot_logits
+    from ..metrics import class_embeddings, zero_shot_logits
 
     return zero_shot_logits(fs.image, class_embeddings(fs.text)).argmax(dim=1)
 
@@ -455,8 +406,8 @@ def failure_cases(base, refined, manifests: Iterable, *, n: int = 8, seed: int =
     """
     import numpy as np
 
-    from .data import load_manifest
-    from .features import dataset_features
+    from ..data.manifest import load_manifest
+    from ..features import dataset_features
 
     cases: dict[str, list] = {"fixed": [], "broken": []}
     counts = []
@@ -491,7 +442,7 @@ def text_to_image_topk(fs, queries: Sequence[int], k: int = 5):
     """(len(queries), k) indices of the top-k images for caption ``queries`` of a caption FeatureSet."""
     import torch
 
-    from .metrics import normalize
+    from ..metrics import normalize
 
     q = normalize(fs.text[torch.as_tensor(list(queries), dtype=torch.long)].float())
     sims = q @ normalize(fs.image.float()).T
@@ -502,7 +453,7 @@ def image_to_text_topk(fs, queries: Sequence[int], k: int = 5):
     """(len(queries), k) indices of the top-k captions for image ``queries`` of a caption FeatureSet."""
     import torch
 
-    from .metrics import normalize
+    from ..metrics import normalize
 
     q = normalize(fs.image[torch.as_tensor(list(queries), dtype=torch.long)].float())
     sims = q @ normalize(fs.text.float()).T
@@ -516,8 +467,8 @@ def retrieval_examples(models: dict, manifest, *, n_queries: int = 3, k: int = 5
     Returns {"t2i": [...], "i2t": [...]}: each text query {"query", "target", "results": {label:
     [{"image", "hit"}]}}, each image query {"image", "results": {label: [{"caption", "hit"}]}}.
     """
-    from .data import flatten_captions, load_manifest
-    from .features import dataset_features
+    from ..data.manifest import flatten_captions, load_manifest
+    from ..features import dataset_features
 
     m = load_manifest(manifest, data_root=data_root)
     if m.kind != "captions":
@@ -537,16 +488,6 @@ def retrieval_examples(models: dict, manifest, *, n_queries: int = 3, k: int = 5
     return {"t2i": t2i, "i2t": i2t}
 
 
-def resolve_path(path: str | os.PathLike) -> Path:
-    """A user-given file path: as given when it exists (relative to the working directory), else taken
-    from the project root (so ``data_manifests/x.yaml`` works from notebooks/ and the repository root)."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p.resolve() if p.exists() else p
-    rooted = project_root() / p
-    return rooted if rooted.exists() else p
-
-
 def _looks_like_file(value: str) -> bool:
     return Path(value).suffix in (".yaml", ".yml", ".safetensors", ".pt", ".pth", ".bin") or os.sep in value
 
@@ -554,7 +495,7 @@ def _looks_like_file(value: str) -> bool:
 def section_names(run_dir: Path, section: str) -> list[str]:
     """Data set names of a section (zero_shot, retrieval, geometry) of a run's metrics.json, else of the
     preset's default suite."""
-    from .evaluate import default_suite, run_config
+    from ..evaluation.evaluate import default_suite
 
     suite_names = [p.stem for p in getattr(default_suite(run_config(run_dir).preset), section)]
     path = Path(run_dir) / "metrics.json"
@@ -570,7 +511,7 @@ def section_names(run_dir: Path, section: str) -> list[str]:
 def dataset_for(run_dir: Path, name: str | None, section: str) -> Path:
     """The manifest a notebook looks at: ``name`` (a manifest path or a split/task of the embedded world)
     or, when None, the first data set of ``section`` the run was evaluated on."""
-    from .evaluate import resolve_manifest, run_config
+    from ..evaluation.evaluate import resolve_manifest
 
     preset = run_config(run_dir).preset
     if name is None:
@@ -604,7 +545,7 @@ def zero_shot_manifests(run_dir: Path) -> list[Path]:
 def chance_row(manifests: Iterable, data_root: str | None = None) -> dict[str, float]:
     """Chance-level top-1 (%) of classification manifests by data set name, and their 'average' (over the
     classification tasks: compositional probes, manifest ``probe: true``, are not in the zero-shot average)."""
-    from .data import load_manifest
+    from ..data.manifest import load_manifest
 
     row, averaged = {}, []
     for mp in manifests:
@@ -624,7 +565,7 @@ def i2t_html(examples: Sequence[Mapping], thumb: int = 96):
 
     from IPython.display import HTML
 
-    from .plots import HIT_COLOUR, thumbnail_uri
+    from ..plots import HIT_COLOUR, thumbnail_uri
 
     if not examples:
         return HTML("<i>(no image queries)</i>")

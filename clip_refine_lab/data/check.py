@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .data import KINDS, CaptionRecord, ClassificationRecord, Manifest, ManifestError, Record, get_reader, load_manifest
-from .data_formats import (
+from .manifest import KINDS, CaptionRecord, ClassificationRecord, Manifest, ManifestError, Record, get_reader, load_manifest
+from .formats import (
     COMMON_FIELDS,
     FORMAT_SPECS,
     read_image_bytes,
     scan_imagefolder,
     split_locator,
 )
-from .utils import atomic_write_json, cache_dir, stable_hash
+from ..utils import atomic_write_json, cache_dir, stable_hash
 
 # kind -> (severity, what it means)
 PROBLEM_KINDS: dict[str, tuple[str, str]] = {

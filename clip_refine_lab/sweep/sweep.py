@@ -63,9 +63,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from .config import PRESETS, ConfigError, RunConfig, preset_name
-from .metrics import zero_shot_average
-from .utils import atomic_write, atomic_write_json
+from ..config import PRESETS, ConfigError, RunConfig, preset_name
+from ..metrics import zero_shot_average
+from ..utils import atomic_write, atomic_write_json
 
 PRETRAINED = "pre-trained"
 TABLE_KINDS = ("main", "prior", "alpha", "batch", "epochs", "weights", "data", "backbone", "none")
@@ -80,7 +80,7 @@ WHERE_KEYS = ("shape", "colour", "size", "position", "background")  # scene attr
 
 def where_vocabulary() -> dict[str, tuple[str, ...]]:
     """The names each ``where`` key accepts: the world's canonical class names (position: "top left", ...)."""
-    from .world import BACKGROUNDS, COLOUR_NAMES, POSITION_NAMES, SHAPES, SIZES
+    from ..embedded.world import BACKGROUNDS, COLOUR_NAMES, POSITION_NAMES, SHAPES, SIZES
 
     return {"shape": SHAPES, "colour": COLOUR_NAMES, "size": SIZES, "position": POSITION_NAMES,
             "background": BACKGROUNDS}
@@ -269,7 +269,7 @@ def scene_matches(meta: Mapping, where: Sequence[tuple[str, Sequence[str]]]) -> 
 
 def _object_attribute(obj: Mapping, key: str) -> Any:
     if key == "position":
-        from .world import CELLS, POSITION_NAMES
+        from ..embedded.world import CELLS, POSITION_NAMES
 
         cell = tuple(obj.get("cell") or ())
         return POSITION_NAMES[CELLS.index(cell)] if cell in CELLS else None
@@ -573,14 +573,14 @@ def _expand_all(spec: SweepSpec, sweep_dir: Path) -> list[PlannedRun]:
 
 def default_sweep_dir(spec: SweepSpec) -> Path:
     """``output_dir`` of the spec, else ``runs/sweeps/<name>-<preset>`` (relative: from the project root)."""
-    from .notebook import resolve_output_dir
+    from ..rundir import resolve_output_dir
 
     return resolve_output_dir(spec.output_dir or f"runs/sweeps/{spec.name}-{preset_name(spec.preset)}")
 
 
 # ===================================================================================== planning
 def _split_size(preset: str, split: str) -> int | None:
-    from .world import WorldConfig
+    from ..embedded.world import WorldConfig
 
     wc = WorldConfig.preset(PRESETS[preset].world)
     return {"synthetic-web": wc.web_size, "synthetic-coco": wc.coco_size,
@@ -590,7 +590,7 @@ def _split_size(preset: str, split: str) -> int | None:
 def _manifest_size(path: Path | None) -> int | None:
     if path is None or not Path(path).is_file():
         return None
-    from .data import load_manifest
+    from ..data.manifest import load_manifest
 
     return len(load_manifest(path).records())
 
@@ -609,7 +609,7 @@ def planned_steps(run: PlannedRun) -> int | None:
         data = cfg.data or "synthetic-coco"
         n = _split_size(preset.name, data)
         if n is None and Path(data).is_file():
-            from .data import load_manifest
+            from ..data.manifest import load_manifest
 
             n = len(load_manifest(data).records())
     if n is None:
@@ -647,7 +647,7 @@ def plan(spec: SweepSpec | str | os.PathLike, output_dir: str | os.PathLike | No
 
 def suite_images(run: PlannedRun, spec_path: Path | None = None) -> int | None:
     """Images one evaluation of the run encodes (its suite's zero-shot sets and caption sets), for estimates."""
-    from .world import TASK_NAMES, WorldConfig
+    from ..embedded.world import TASK_NAMES, WorldConfig
 
     wc = WorldConfig.preset(PRESETS[preset_name(run.config.preset)].world)
     suite = run.suite
@@ -717,7 +717,7 @@ def config_mismatch(run: PlannedRun) -> list[str]:
     As ``refine`` does, fields that a resumed run may change (device, workers, logging) are ignored;
     ``max_steps`` too while the run is unfinished (resuming extends it exactly), but not once it is
     finished: ``refine`` would return the old result."""
-    from .train import RESUMABLE_FIELDS
+    from ..training.loop import RESUMABLE_FIELDS
 
     saved = run.run_dir / "config.yaml"
     if not saved.is_file():
@@ -741,7 +741,7 @@ def _embedded_base_changed(run_dir: Path, cfg: RunConfig) -> bool:
     Compared by name, so a moved cache directory does not count as a change."""
     if cfg.pretrained != "embedded" or not (run_dir / "base.json").is_file():
         return False
-    from .pretrain import base_checkpoint_path
+    from ..embedded.pretrain import base_checkpoint_path
 
     try:
         recorded = json.loads((run_dir / "base.json").read_text(encoding="utf-8")).get("pretrained")
@@ -759,8 +759,8 @@ def prepare_data(run: PlannedRun, *, progress: bool = False) -> Path | None:
         return None
     if path.is_file():
         return path
-    from .data import load_manifest, write_manifest
-    from .world import WorldConfig, build_world
+    from ..data.manifest import load_manifest, write_manifest
+    from ..embedded.world import WorldConfig, build_world
 
     preset = preset_name(run.config.preset)
     if ref.split.endswith((".yaml", ".yml")):
@@ -793,8 +793,8 @@ def prepare_data(run: PlannedRun, *, progress: bool = False) -> Path | None:
                            subset_of=str(source))
         source = target
     if ref.keep_fraction is not None:
-        from .filtering import clip_score_filter
-        from .models import load_model
+        from ..data.filtering import clip_score_filter
+        from ..models.loading import load_model
 
         cfg = run.config
         model = load_model(cfg.model or PRESETS[preset].model, cfg.pretrained, world_preset=preset,
@@ -848,7 +848,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, output_dir: str | os.PathLike
 
     # one-off preparation: the world and every base model (pre-trained on first use, cached after)
     for arch, preset in _base_models(runs):
-        from .pretrain import base_checkpoint_path, pretrain_base
+        from ..embedded.pretrain import base_checkpoint_path, pretrain_base
 
         if not base_checkpoint_path(arch, world_preset=preset).is_file():
             msg = f"pre-training base model {arch} on the {preset} world (once; cached afterwards)"
@@ -915,7 +915,7 @@ def _spec_for_saving(spec: SweepSpec) -> dict:
 def _resolve_suite_file(suite: str, spec_path: Path | None) -> Path:
     p = Path(suite)
     if not p.is_absolute():
-        from .notebook import project_root
+        from ..rundir import project_root
 
         candidates = [(spec_path.parent / p) if spec_path else None, Path.cwd() / p, project_root() / p]
         p = next((c for c in candidates if c is not None and c.is_file()), p)
@@ -931,7 +931,7 @@ def suite_file(run: PlannedRun, sweep_dir: Path, spec_path: Path | None = None) 
         return None
     if isinstance(run.suite, str):
         return _resolve_suite_file(run.suite, spec_path)
-    from .utils import stable_hash
+    from ..utils import stable_hash
 
     path = sweep_dir / "suites" / f"{stable_hash(run.suite, 12)}.yaml"
     if not path.is_file():
@@ -942,8 +942,8 @@ def suite_file(run: PlannedRun, sweep_dir: Path, spec_path: Path | None = None) 
 def _one_run(run: PlannedRun, sweep_dir: Path, report: SweepReport, *, evaluate: bool, reevaluate: bool,
              spec: SweepSpec, device: str, progress: bool, state: dict) -> str:
     """Run (or resume, or skip) one planned run and evaluate it; an alias does its source run's work."""
-    from .evaluate import evaluate_run
-    from .train import refine
+    from ..evaluation.evaluate import evaluate_run
+    from ..training.loop import refine
 
     src = run.source
     shared = f" (shared with {src.key})" if run.alias_of is not None else ""
@@ -1226,7 +1226,7 @@ def _put(tables: Tables, key: str, mean, std, n, meta: dict, formatted=None) -> 
 
 def _task_order(columns: list[str], suite: Any) -> list[str]:
     """Zero-shot columns in the suite's order (the world's task order for the default suite)."""
-    from .world import TASK_NAMES
+    from ..embedded.world import TASK_NAMES
 
     ref = [Path(x).stem if x.endswith((".yaml", ".yml")) else x for x in suite.get("zero_shot", [])] \
         if isinstance(suite, dict) else list(TASK_NAMES)
@@ -1382,7 +1382,7 @@ def _sweep_figure(tables: Tables, block: str, kind: str, spec_block: Block | Non
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from .plots import BASE_COLOUR, RUN_COLOURS, TEMPLATE
+    from ..plots import BASE_COLOUR, RUN_COLOURS, TEMPLATE
 
     runs = tables.runs
     sub = runs[runs["block"] == block]
@@ -1451,7 +1451,7 @@ def _main_figure(tables: Tables, block: str):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from .plots import model_colours
+    from ..plots import model_colours
 
     zs_key, ret_key = f"{block}_zero_shot", f"{block}_retrieval"
     panels = []
@@ -1550,7 +1550,7 @@ def write_outputs(tables: Tables, figs: Mapping | None, sweep_dir: str | os.Path
         written.append(atomic_write(fdir / f"{name}.html",
                                     lambda p, fig=fig: fig.write_html(str(p), include_plotlyjs="directory")))
         if png:
-            from .plots import save_png
+            from ..plots import save_png
 
             written.append(save_png(fig, fdir / f"{name}.png"))
     if figs:
@@ -1577,7 +1577,7 @@ NOTEBOOK_PARAMETERS = {
 def check_notebook_parameters(namespace: Mapping) -> dict:
     """Type-check notebook 08's parameters; raise ConfigError naming the first bad one. Resolves ``spec``
     and ``output_dir`` against the project root."""
-    from .notebook import resolve_output_dir, resolve_path
+    from ..rundir import resolve_output_dir, resolve_path
 
     out = {}
     for name, (test, kind) in NOTEBOOK_PARAMETERS.items():

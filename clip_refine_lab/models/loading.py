@@ -29,9 +29,9 @@ from typing import Any, Callable
 
 import torch
 
-from .utils import atomic_path
+from ..utils import atomic_path
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_DIR = Path(__file__).parent.parent / "embedded" / "model_configs"
 EMBEDDED_TAG = "embedded"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _REGISTERED = False
@@ -155,7 +155,7 @@ def load_model(
     if pretrained is None and Path(arch).suffix in CHECKPOINT_SUFFIXES and Path(arch).is_file():
         pretrained, arch = arch, ""
     if pretrained == EMBEDDED_TAG:
-        from .pretrain import pretrain_base
+        from ..embedded.pretrain import pretrain_base
 
         pretrained = str(pretrain_base(arch, world_preset=world_preset))
     preprocess_cfg: dict = {}

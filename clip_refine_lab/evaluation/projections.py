@@ -33,7 +33,7 @@ def feature_points(fs, indices: np.ndarray | None = None) -> tuple[np.ndarray, "
     import torch
 
     from .evaluate import first_caption_pairs
-    from .metrics import normalize
+    from ..metrics import normalize
 
     n = fs.image.shape[0]
     idx = np.arange(n) if indices is None else np.asarray(indices)

@@ -39,8 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .data import CaptionRecord, Manifest, ManifestError, get_reader, load_manifest, write_manifest
-from .data_formats import (
+from .manifest import CaptionRecord, Manifest, ManifestError, get_reader, load_manifest, write_manifest
+from .formats import (
     iter_tar_samples,
     manifest_shards,
     open_image,
@@ -178,7 +178,7 @@ def clip_score_filter(manifest_path: str | os.PathLike, out_path: str | os.PathL
         raise ManifestError(f"{manifest.path}: CLIP-score filtering needs a captions manifest, not {manifest.kind}")
     reader = get_reader(manifest.format)
 
-    from .models import LoadedModel, load_model
+    from ..models.loading import LoadedModel, load_model
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, pretrained, device=device)
     spec = loaded.spec
@@ -276,7 +276,7 @@ def _write_webdataset(manifest: Manifest, out_path: Path, keep: set[str], scores
                       source: str, samples_per_shard: int) -> Path:
     import yaml
 
-    from .utils import atomic_write
+    from ..utils import atomic_write
 
     shard_dir = out_path.parent / f"{out_path.stem}-shards"
 

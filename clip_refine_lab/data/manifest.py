@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import yaml
 
-from .utils import atomic_write
+from ..utils import atomic_write
 
 DATA_ROOT_ENV = "CLIP_REFINE_LAB_DATA"
 KINDS = ("captions", "classification")
@@ -119,7 +119,7 @@ def register_reader(fmt: str):
 def get_reader(fmt: str):
     if fmt not in READERS:
         # Readers of real-data formats live in their own module; import registers them.
-        from . import data_formats  # noqa: F401
+        from . import formats  # noqa: F401
     if fmt not in READERS:
         raise ManifestError(f"unknown manifest format '{fmt}'; known formats: {', '.join(sorted(READERS))}")
     return READERS[fmt]
@@ -267,7 +267,7 @@ def load_image(path: str):
     from PIL import Image, UnidentifiedImageError
 
     if "::" in str(path):
-        from .data_formats import open_image
+        from .formats import open_image
 
         return open_image(path)
 

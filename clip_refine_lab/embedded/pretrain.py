@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import PRESETS, preset_name
-from .metrics import zero_shot_average
-from .utils import atomic_write_json, cache_dir, seed_everything, stable_hash
+from ..config import PRESETS, preset_name
+from ..metrics import zero_shot_average
+from ..optim import build_adamw, clamp_logit_scale, lr_at, set_lr
+from ..utils import atomic_write_json, cache_dir, seed_everything, stable_hash
 
 # 2: tiny ViTs with fixed 2-D sin-cos position embeddings; 3: attention through SDPA (models.use_sdpa_attention)
 # and text encoded up to the batch's longest caption (models.encode_text_trimmed): the same arithmetic, faster on
@@ -69,7 +70,7 @@ class PretrainRecipe:
 
     def lr_at(self, step: int, total: int) -> float:
         """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total`` steps."""
-        return self.lr * min(1.0, (step + 1) / self.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / total))
+        return lr_at(step, total, lr=self.lr, warmup_steps=self.warmup_steps, schedule="cosine")
 
 
 RECIPES = {
@@ -101,11 +102,10 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     path = base_checkpoint_path(arch, world_preset=world_preset, recipe=recipe)
     if path.is_file() and path.with_suffix(".json").is_file():
         return path
-    from .data import load_manifest
-    from .features import decode_images, normalize_uint8
-    from .losses import hard_negative_contrastive_loss
-    from .models import ModelSpec, encode_text_trimmed, load_model, save_checkpoint, use_sdpa_attention
-    from .train import fused_adamw_available
+    from ..data.manifest import load_manifest
+    from ..features import decode_images, normalize_uint8
+    from ..losses import hard_negative_contrastive_loss
+    from ..models.loading import ModelSpec, encode_text_trimmed, load_model, save_checkpoint, use_sdpa_attention
     from .world import WorldConfig, build_world, relation_axis_swapped, relation_objects_swapped, relation_swapped
 
     preset = PRESETS[preset_name(world_preset)]
@@ -141,13 +141,9 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     negative_tokens = loaded.tokenizer(flat) if flat else tokens[:0]
     mean, std = loaded.spec.preprocess["mean"], loaded.spec.preprocess["std"]
 
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not the fixed sin-cos table
-    decay = [p for n, p in trainable if p.ndim >= 2 and "logit_scale" not in n]
-    no_decay = [p for n, p in trainable if p.ndim < 2 or "logit_scale" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6,
-                            fused=fused_adamw_available(torch.device(device)))
+    # requires_grad only: the fixed sin-cos position table is not trained
+    opt = build_adamw(model.named_parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98),
+                      eps=1e-6, exclude_gains=True, device=torch.device(device))
     steps_per_epoch = len(records) // recipe.batch_size
     total = steps_per_epoch * recipe.epochs
     gen = torch.Generator().manual_seed(recipe.seed)
@@ -159,9 +155,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
         order = torch.randperm(len(records), generator=gen)
         for b in range(steps_per_epoch):
             idx = order[b * recipe.batch_size:(b + 1) * recipe.batch_size]
-            lr = recipe.lr_at(step, total)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_lr(opt, recipe.lr_at(step, total))
             x = normalize_uint8(images[idx], mean, std).to(device)
             rows = torch.tensor([j for i in idx.tolist() for j in range(negative_start[i], negative_start[i + 1])],
                                 dtype=torch.long)
@@ -174,8 +168,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            with torch.no_grad():  # as in CLIP: keep the learned temperature below 100
-                model.logit_scale.clamp_(0, math.log(100))
+            clamp_logit_scale(model)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
@@ -201,9 +194,9 @@ def summarize_base(loaded, world, *, device: str = "cpu", progress: bool = True)
 
     Through the feature cache: these are the final weights, so the first evaluation of a run starting from
     this base model reuses the features instead of encoding the world again."""
-    from .data import load_manifest
-    from .features import dataset_features
-    from .metrics import class_embeddings, classification_metrics, modality_gap, zero_shot_logits
+    from ..data.manifest import load_manifest
+    from ..features import dataset_features
+    from ..metrics import class_embeddings, classification_metrics, modality_gap, zero_shot_logits
 
     zero_shot = {}
     for task in world.tasks:

@@ -1,0 +1,68 @@
+"""The one optimiser, learning-rate schedule and temperature clamp, shared by base pre-training and
+post-pre-training.
+
+AdamW with open_clip's weight-decay split (no decay on gains, biases and the logit scale) or, for the
+released CLIP-Refine code's setting, decay on every parameter; a linear warm-up followed by a cosine
+decay to zero (or a constant rate); and CLIP's clamp of the learned temperature at 100.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from .config import SCHEDULES
+
+MAX_LOGIT_SCALE = 100.0  # CLIP's cap on exp(logit_scale)
+
+
+def is_gain_or_bias(name: str, param: torch.Tensor) -> bool:
+    """open_clip's rule for the parameters that take no weight decay."""
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def fused_adamw_available(device: torch.device) -> bool:
+    """The fused AdamW kernel is much faster than the per-parameter loop (CPU support since torch 2.4)."""
+    if device.type == "cuda":
+        return True
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return device.type == "cpu" and (major, minor) >= (2, 4)
+
+
+def build_adamw(named_params: Iterable[tuple[str, torch.nn.Parameter]], *, lr: float, weight_decay: float,
+                betas: tuple[float, float], eps: float, exclude_gains: bool,
+                device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; with ``exclude_gains`` gains, biases and the logit scale
+    take no weight decay (they are in a second group, after the decayed weights)."""
+    params = [(n, p) for n, p in named_params if p.requires_grad]
+    if exclude_gains:
+        groups = [{"params": [p for n, p in params if not is_gain_or_bias(n, p)], "weight_decay": weight_decay},
+                  {"params": [p for n, p in params if is_gain_or_bias(n, p)], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    kwargs = {"fused": True} if fused_adamw_available(device) else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
+
+
+def lr_at(step: int, total: int, *, lr: float, warmup_steps: int, schedule: str = "cosine") -> float:
+    """The learning rate of ``step`` (0-based) of ``total``: linear warm-up over ``warmup_steps``, then
+    cosine decay to 0 at ``total`` (``schedule="cosine"``) or constant."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "cosine":
+        return lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+    if schedule == "constant":
+        return lr * warm
+    raise ValueError(f"unknown schedule '{schedule}'; known: {', '.join(SCHEDULES)}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: torch.nn.Module) -> None:
+    """Keep CLIP's learned temperature at or below 100 after each optimiser step, as CLIP does."""
+    model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
