@@ -85,12 +85,13 @@ def relation_binding(loaded, world, device: str, max_captions: int = 1500) -> di
     import torch
     import torch.nn.functional as F
 
-    from clip_refine_lab.embedded import world as W
     from clip_refine_lab.data.manifest import load_manifest
+    from clip_refine_lab.embedded.captions import relation_axis_swapped, relation_objects_swapped, relation_swapped
+    from clip_refine_lab.embedded.vocabulary import RELATION_WORDS
     from clip_refine_lab.features import dataset_features, decode_images, encode_texts, normalize_uint8
 
     model, tok = loaded.model, loaded.tokenizer
-    relations = [words[0] for words in W.RELATION_WORDS.values()]  # left, right, above, below: the task's label order
+    relations = [words[0] for words in RELATION_WORDS.values()]  # left, right, above, below: the task's label order
     fs = dataset_features(loaded, world.manifest("relation"), device=device, progress=False)
     images = F.normalize(fs.image.float(), dim=-1)
     prompts = []
@@ -108,8 +109,8 @@ def relation_binding(loaded, world, device: str, max_captions: int = 1500) -> di
         scene, caption = record.meta.get("meta", {}), record.captions[0]
         if scene.get("noise") == "mismatched":
             continue
-        variants = (W.relation_objects_swapped(caption), W.relation_axis_swapped(caption, scene.get("objects", [])),
-                    W.relation_swapped(caption))
+        variants = (relation_objects_swapped(caption), relation_axis_swapped(caption, scene.get("objects", [])),
+                    relation_swapped(caption))
         if all(variants):
             rows.append((record, caption, *variants))
         if len(rows) == max_captions:
@@ -137,8 +138,8 @@ def palette_parts(loaded, world, device: str, task: str = "shape") -> list[dict]
     import torch
     import torch.nn.functional as F
 
-    from clip_refine_lab.embedded import world as W
     from clip_refine_lab.data.manifest import load_manifest
+    from clip_refine_lab.embedded.rendering import render_scene
     from clip_refine_lab.features import dataset_features, encode_images
     from clip_refine_lab.metrics import class_embeddings, zero_shot_logits
 
@@ -159,7 +160,7 @@ def palette_parts(loaded, world, device: str, task: str = "shape") -> list[dict]
             if "contrast" in part:
                 scene["contrast"] = contrast
             style = "palette" if part == "the whole palette shift" else "normal"
-            images.append((loaded.preprocess(W.render_scene(scene, size, style, np.random.default_rng([8, i]))), i))
+            images.append((loaded.preprocess(render_scene(scene, size, style, np.random.default_rng([8, i]))), i))
         x = encode_images(loaded.model, images, device=device, progress=False)
         predicted = zero_shot_logits(F.normalize(x, dim=-1), classes).argmax(1)
         rows.append({"part": part, "top1": 100 * float((predicted == fs.labels).float().mean()),
@@ -175,7 +176,7 @@ def supervised_learnability(arch: str, world, steps: int, recipe, device: str) -
     from clip_refine_lab.data.manifest import load_manifest
     from clip_refine_lab.features import decode_images, normalize_uint8
     from clip_refine_lab.models.loading import load_model
-    from clip_refine_lab.embedded.world import CELLS, SHAPES
+    from clip_refine_lab.embedded.vocabulary import CELLS, SHAPES
 
     torch.manual_seed(recipe.seed)
     records = [r for r in load_manifest(world.manifest("synthetic-web")).records()

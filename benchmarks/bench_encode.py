@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup_environment(args.cache, args.threads)
     import torch
 
-    from clip_refine_lab.data.manifest import CaptionRecord, Images, flatten_captions, load_manifest
+    from clip_refine_lab.data.datasets import Images
+    from clip_refine_lab.data.manifest import CaptionRecord, flatten_captions, load_manifest
     from clip_refine_lab.features import encode_images, encode_texts
     from clip_refine_lab.models.loading import load_model
     from clip_refine_lab.embedded.world import WorldConfig, build_world

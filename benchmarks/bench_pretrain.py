@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from clip_refine_lab.losses import hard_negative_contrastive_loss
     from clip_refine_lab.models.loading import encode_text_trimmed, load_model, use_sdpa_attention
     from clip_refine_lab.embedded.pretrain import RECIPES, TEXT_BUCKETS
-    from clip_refine_lab.embedded.world import WorldConfig, build_world, relation_objects_swapped
+    from clip_refine_lab.embedded.captions import relation_objects_swapped
+    from clip_refine_lab.embedded.world import WorldConfig, build_world
 
     preset = PRESETS[args.world]
     arch = args.arch or preset.model

@@ -71,19 +71,19 @@ def cmd_refine(args) -> int:
 def cmd_pretrain(args) -> int:
     import json
 
-    from .embedded.pretrain import format_summary, pretrain_base
+    from .embedded.base import ensure_base
+    from .embedded.pretrain import format_summary
 
-    path = pretrain_base(args.model, world_preset=args.preset, progress=not args.quiet)
+    path = ensure_base(args.model, world_preset=args.preset, progress=not args.quiet)
     print(format_summary(json.loads(path.with_suffix(".json").read_text())))
     print(path)
     return 0
 
 
 def cmd_world(args) -> int:
-    from .config import PRESETS, preset_name
-    from .embedded.world import WorldConfig, build_world
+    from .embedded.base import ensure_world
 
-    world = build_world(WorldConfig.preset(PRESETS[preset_name(args.preset)].world), progress=not args.quiet)
+    world = ensure_world(args.preset, progress=not args.quiet)
     print(world.root)
     for name in ["synthetic-web", "synthetic-coco", "synthetic-retrieval", *world.tasks, *world.validation_tasks]:
         print(f"  {name:<28} {world.manifest(name)}")
@@ -107,7 +107,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep.sweep import cmd_sweep as run_sweep_command
+    from .sweep.cli import cmd_sweep as run_sweep_command
 
     return run_sweep_command(args)
 
@@ -119,7 +119,7 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_data_leakage(args) -> int:
-    from .data.check import leakage_report
+    from .data.leakage import leakage_report
 
     report = leakage_report(args.train, args.eval, data_root=args.data_root, hash_images=not args.no_hash)
     print(report.format())
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run a grid of runs from a spec (sweeps/*.yaml), evaluate them and write the "
                                      "paper's tables (mean ± std over seeds) and figures")
-    from .sweep.sweep import add_sweep_arguments
+    from .sweep.cli import add_sweep_arguments
 
     add_sweep_arguments(p)
     p.set_defaults(func=cmd_sweep)

@@ -38,6 +38,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTIONS = ("sdpa", "native")
 SCHEDULES = ("constant", "cosine")
 BAD_SAMPLE_POLICIES = ("fail", "skip")
+DEFAULT_DATA = "synthetic-coco"  # the training pairs of a run that names none
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ class RunConfig:
         if cfg.epochs is None:
             cfg.epochs = preset.epochs
         if cfg.data is None:
-            cfg.data = "synthetic-coco"
+            cfg.data = DEFAULT_DATA
         if cfg.run_name is None:
             cfg.run_name = f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
         return cfg.validate()
@@ -309,7 +310,7 @@ FIELD_HELP: dict[str, str] = {
     "max_steps": "stop after this many optimiser steps",
     "precision": "fp32 (default; the only choice on CPU), bf16 or fp16 autocast on GPU",
     "attention": "sdpa (default: open_clip's attention blocks run batch-first through scaled_dot_product_attention; "
-                 "same parameters and outputs, ~1.16x faster steps on CPU) or native (nn.MultiheadAttention)",
+                 "same parameters and outputs, 1.18x faster training loop on CPU) or native (nn.MultiheadAttention)",
     "compile": "torch.compile the image and text towers (GPU, long runs; compilation costs minutes first)",
     "channels_last": "channels-last memory format for convolutional image towers (default: on GPU, off on CPU; "
                      "RN50 on an H100 took 1.48x more pairs/s with it; no effect on ViTs)",
@@ -321,8 +322,7 @@ FIELD_HELP: dict[str, str] = {
     "model": "open_clip architecture (ViT-B-32, ...) or one of ours (tiny-vit-48, ...); default from the preset",
     "pretrained": "pretrained tag (openai, ...), a checkpoint file, or 'embedded' (our base model)",
     "quick_gelu": "force QuickGELU on/off (default: from the tag or checkpoint; OpenAI weights need it)",
-    "data": "training pairs: a manifest YAML or a split of the embedded world (synthetic-coco, synthetic-web); "
-            "default: synthetic-coco",
+    "data": "training pairs: a manifest YAML or a split of the embedded world (synthetic-coco, synthetic-web)",
     "data_root": "folder that ${CLIP_REFINE_LAB_DATA} in manifests stands for",
     "on_bad_sample": "what to do with unreadable images or empty captions: fail (default) or skip (counted)",
     "num_workers": "data-loading worker processes",
@@ -336,3 +336,76 @@ FIELD_HELP: dict[str, str] = {
     "log_every": "write a log line every N steps",
     "extra": "free-form notes recorded with the run (YAML mapping)",
 }
+
+
+# ------------------------------------------------------------------------------ options reference
+OPTIONS_COMMAND = "python -m clip_refine_lab.config > docs/options.md"
+
+
+def _cell(text: str) -> str:
+    """A Markdown table cell: pipes escaped (also inside code spans), no line breaks."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _code(value: Any) -> str:
+    return f"`{value}`"
+
+
+def _field_default(f: dataclasses.Field) -> str:
+    """The default as a user meets it: preset-dependent fields name each preset's value."""
+    preset_fields = {pf.name for pf in fields(Preset)} - {"name", "world"}
+    if f.name in preset_fields:
+        return "from the preset: " + ", ".join(f"{_code(getattr(p, f.name))} ({p.name})" for p in PRESETS.values())
+    if f.name == "preset":
+        return f"`${PRESET_ENV}`, else `default`"
+    if f.name == "data":
+        return f"{_code(DEFAULT_DATA)} (when None)"
+    if f.name == "run_name":
+        return "method, time and seed (when None)"
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return _code(value)
+
+
+def options_markdown() -> str:
+    """docs/options.md: every RunConfig field with its CLI flag, type, default and help, then the presets."""
+    lines = [
+        "# Options",
+        "",
+        f"<!-- Generated from clip_refine_lab/config.py; do not edit. Regenerate: {OPTIONS_COMMAND} -->",
+        "",
+        "Every option of a post-pre-training run is a field of `clip_refine_lab.RunConfig`, a flag of",
+        "`clip-refine-lab refine` (`--help` lists them) and a parameter of `notebooks/02_refine.ipynb`",
+        "(the main ones by name, any other through `-p options '{\"weight_decay\": 0.0}'`). A YAML file of",
+        "options (`--config run.yaml`, flags override it) round-trips with `RunConfig.to_yaml` / `from_yaml`.",
+        "Boolean flags take `true` or `false`; list flags take several numbers (`--prior-vector 0.5 -1 ...`).",
+        "Invalid values are refused with the field named, e.g. `alpha must be in [0, 1], got 1.5`.",
+        "",
+        "| field | CLI flag | type | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for f in fields(RunConfig):
+        flag = "none: `--config` YAML only" if f.name == "extra" else _code(f"--{f.name.replace('_', '-')}")
+        row = (_code(f.name), flag, _code(f.type), _field_default(f), FIELD_HELP[f.name])
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    preset_fields = [pf.name for pf in fields(Preset) if pf.name != "name"]
+    lines += [
+        "",
+        "## Presets",
+        "",
+        f"`--preset` (or `${PRESET_ENV}`) fills the fields a run leaves unset:",
+        "",
+        "| preset | " + " | ".join(preset_fields) + " |",
+        "|---|" + "---|" * len(preset_fields),
+    ]
+    for p in PRESETS.values():
+        lines.append(f"| `{p.name}` | " + " | ".join(_code(getattr(p, n)) for n in preset_fields) + " |")
+    lines += [
+        "",
+        "`world` is the embedded synthetic world the preset trains and evaluates on ([embedded-world.md](embedded-world.md)).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")

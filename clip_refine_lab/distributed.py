@@ -1,4 +1,5 @@
-"""Feature gathering for data-parallel training, in the manner of open_clip's ``gather_features``.
+"""Where training runs: the device, the processes of a torchrun launch, and feature gathering for
+data-parallel training in the manner of open_clip's ``gather_features``.
 
 HyCD and the CLIP loss compare every image with every text of the batch, so under data parallelism
 each rank gathers the features of all ranks to build the B×B logits of the global batch (as
@@ -17,10 +18,33 @@ need no scaling; they are already means whose DDP average is the global mean.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "is_main_process", "gather_features"]
+from .config import ConfigError
+
+__all__ = ["resolve_device", "init_distributed_from_env", "world_info", "is_main_process", "gather_features"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (a GPU when there is one), or the named device, refused when CUDA is missing."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was requested but CUDA is not available; use device 'cpu' or 'auto'")
+    return dev
+
+
+def init_distributed_from_env() -> None:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _distributed_active() -> bool:

@@ -1,7 +1,7 @@
 """Encoding data sets into CLIP features, and the one feature cache every metric and notebook uses.
 
-Features are stored *raw* (as ``encode_image``/``encode_text`` return them, unnormalised): the
-metrics normalise where REFERENCE.md says so, and the raw norms are themselves worth plotting.
+Features are stored *raw* (as ``encode_image``/``encode_text`` return them, unnormalised): each
+metric normalises where its definition does, and the raw norms are themselves worth plotting.
 
 Cache key = (fingerprint of the weights, fingerprint of the data set's manifest and records,
 preprocessing config). A cache entry lives at
@@ -12,6 +12,7 @@ stale entry is never read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .data.manifest import CaptionRecord, Images, Manifest, flatten_captions, load_manifest
+from .data.datasets import Images
+from .data.images import load_image
+from .data.manifest import CaptionRecord, Manifest, flatten_captions, load_manifest
 from .models.loading import LoadedModel
+from .progress import progress_bar
 from .utils import atomic_path, cache_dir, stable_hash
 
 
@@ -60,27 +63,45 @@ def manifest_fingerprint(manifest: Manifest) -> str:
     return stable_hash(parts)
 
 
+@contextlib.contextmanager
+def _counting(bar, total: int, *, progress: bool, desc: str, unit: str):
+    """``bar`` when the caller passes one (its stage has one bar), else a bar of our own."""
+    if bar is not None:
+        yield bar
+        return
+    own = progress_bar(total=total, desc=desc, enabled=progress, unit=unit, leave=False)
+    try:
+        yield own
+    finally:
+        own.close()
+
+
 @torch.no_grad()
 def encode_images(model: torch.nn.Module, dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
-                  num_workers: int = 0, progress: bool = True, desc: str = "images") -> torch.Tensor:
-    """Raw image features of a map-style dataset yielding (image tensor, index)."""
+                  num_workers: int = 0, progress: bool = True, desc: str = "images", bar=None) -> torch.Tensor:
+    """Raw image features of a map-style dataset yielding (image tensor, index); ``bar``: a progress bar
+    to advance by each batch instead of one of its own."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     out = []
     model.eval()
-    for images, _ in tqdm(loader, desc=f"encode {desc}", disable=not progress, leave=False):
-        out.append(model.encode_image(images.to(device)).float().cpu())
+    with _counting(bar, len(dataset), progress=progress, desc=f"encode {desc}", unit="img") as counter:
+        for images, _ in loader:
+            out.append(model.encode_image(images.to(device)).float().cpu())
+            counter.update(images.shape[0])
     return torch.cat(out) if out else torch.empty(0)
 
 
 @torch.no_grad()
 def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 512,
-                 device: str | torch.device = "cpu", progress: bool = True, desc: str = "texts") -> torch.Tensor:
-    """Raw text features of a list of strings."""
+                 device: str | torch.device = "cpu", progress: bool = True, desc: str = "texts", bar=None) -> torch.Tensor:
+    """Raw text features of a list of strings; ``bar`` as for :func:`encode_images`."""
     out = []
     model.eval()
-    for start in tqdm(range(0, len(texts), batch_size), desc=f"encode {desc}", disable=not progress, leave=False):
-        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
-        out.append(model.encode_text(tokens).float().cpu())
+    with _counting(bar, len(texts), progress=progress, desc=f"encode {desc}", unit="text") as counter:
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+            out.append(model.encode_text(tokens).float().cpu())
+            counter.update(len(tokens))
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -104,19 +125,20 @@ def dataset_features(loaded: LoadedModel, manifest: str | os.PathLike | Manifest
     records = manifest.records()
     images = (_Indexed(DecodedImages(records, loaded.preprocess, manifest, progress=progress)) if image_cache
               else Images(records, loaded.preprocess))
-    image = encode_images(loaded.model, images, batch_size=batch_size, device=device,
-                          progress=progress, desc=f"{manifest.name} images")
-    tensors: dict[str, torch.Tensor] = {"image": image}
     if manifest.kind == "captions":
         texts, owner = flatten_captions(records)  # type: ignore[arg-type]
-        tensors["text"] = encode_texts(loaded.model, loaded.tokenizer, texts, batch_size=batch_size * 2,
-                                       device=device, progress=progress, desc=f"{manifest.name} captions")
-        tensors["text_to_image"] = torch.from_numpy(owner)
     else:
         classnames = manifest.classnames or []
-        prompts = [p for c in classnames for p in manifest.prompts(c)]
-        t = encode_texts(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size * 2, device=device,
-                         progress=progress, desc=f"{manifest.name} prompts")
+        texts = [p for c in classnames for p in manifest.prompts(c)]
+    with progress_bar(total=len(records) + len(texts), desc=f"features of {manifest.name}", enabled=progress,
+                      unit="item", leave=False) as bar:
+        image = encode_images(loaded.model, images, batch_size=batch_size, device=device, bar=bar)
+        t = encode_texts(loaded.model, loaded.tokenizer, texts, batch_size=batch_size * 2, device=device, bar=bar)
+    tensors: dict[str, torch.Tensor] = {"image": image}
+    if manifest.kind == "captions":
+        tensors["text"] = t
+        tensors["text_to_image"] = torch.from_numpy(owner)
+    else:
         tensors["text"] = t.reshape(len(classnames), -1, t.shape[-1])
         tensors["labels"] = torch.tensor([r.label for r in records], dtype=torch.long)
     if cache:
@@ -150,10 +172,9 @@ def decode_images(records: Sequence, image_size: int, *, progress: bool = True) 
     eval preprocessing (resize to the same size, centre crop, to-tensor, normalise) this equals
     ``preprocess`` followed by :func:`normalize_uint8`.
     """
-    from .data.manifest import load_image
-
     out = torch.empty((len(records), 3, image_size, image_size), dtype=torch.uint8)
-    for i, rec in enumerate(tqdm(records, desc="decode images", disable=not progress, leave=False)):
+    for i, rec in enumerate(progress_bar(records, total=len(records), desc="decode images", enabled=progress,
+                                         unit="img", leave=False)):
         im = load_image(rec.image)
         if im.size != (image_size, image_size):
             raise ValueError(f"{rec.image}: expected {image_size}x{image_size} pixels, got {im.size[0]}x{im.size[1]}")
@@ -189,7 +210,7 @@ class DecodedImages:
 
     def __init__(self, records: Sequence, preprocess, manifest: Manifest | None = None, *, progress: bool = True):
         pil, self.mean, self.std = _pil_stages(preprocess)
-        sample = np.asarray(pil(_open_image(records[0].image)), dtype=np.uint8) if records else np.zeros((1, 1, 3), np.uint8)
+        sample = np.asarray(pil(load_image(records[0].image)), dtype=np.uint8) if records else np.zeros((1, 1, 3), np.uint8)
         h, w = sample.shape[:2]
         ident = [r.image for r in records] if manifest is None else manifest_fingerprint(manifest)
         key = stable_hash([ident, len(records), repr(pil), "u8-v1"])
@@ -198,8 +219,9 @@ class DecodedImages:
         if not path.is_file():
             def write(tmp: Path) -> None:
                 mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-                for i, rec in enumerate(tqdm(records, desc="decode images (cached)", disable=not progress, leave=False)):
-                    mm[i] = np.asarray(pil(_open_image(rec.image)), dtype=np.uint8)
+                for i, rec in enumerate(progress_bar(records, total=len(records), desc="decode images (cached)",
+                                                     enabled=progress, unit="img")):
+                    mm[i] = np.asarray(pil(load_image(rec.image)), dtype=np.uint8)
                 mm.flush()
                 del mm
 
@@ -242,9 +264,3 @@ class Subset:
 
     def __getitem__(self, index: int):
         return self.base[self.positions[index]]
-
-
-def _open_image(path: str):
-    from .data.manifest import load_image
-
-    return load_image(path)

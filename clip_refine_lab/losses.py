@@ -6,7 +6,7 @@ data or configs, and nothing gathers across processes: in distributed training c
 output of :func:`clip_refine_lab.distributed.gather_features` (and read that module's note on
 scaling the loss by the world size).
 
-Notation as in REFERENCE.md: F_I, F_T are the student's projected image / text features, G_I, G_T
+Notation (docs/method.md): F_I, F_T are the student's projected image / text features, G_I, G_T
 the frozen teacher's; "raw" is what open_clip's ``encode_image`` / ``encode_text`` return without
 ``normalize=True``; F̂ is F divided by its L2 norm.
 
@@ -265,7 +265,7 @@ def m2_mix_loss(
     which lie between the two modalities and are therefore harder. ``lam`` is one Beta(β, β) draw
     (β = 0.5) per batch, sampled by the caller so that this function stays deterministic. The full
     baseline objective is ``clip_contrastive_loss + w · m2_mix_loss`` (w ∈ {0.05, …, 0.001}).
-    The paper's authors did not release m²-mix; this follows REFERENCE.md's description.
+    The paper's authors did not release m²-mix; this follows the paper's description of it.
     """
     _check_pairs("m2_mix_loss", image_features, text_features)
     lam_value = float(lam)

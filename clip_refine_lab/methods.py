@@ -15,7 +15,7 @@ hycd+l2        hycd_weight * L_HyCD + align_weight * L_align  yes
 =============  ==========================================  ===============
 
 Adding a method is one :func:`register_method` call. The m2-mix hard-negative logits use the
-model's own logit scale (100 for real CLIPs, whose scale sits at its cap, as REFERENCE.md states).
+model's own logit scale (100 for real CLIPs, whose learned scale sits at its cap).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ metrics: torch tensors in, Python floats or small dicts of floats out. None of t
 models, data sets or files.
 
 Inputs are RAW features (the projected encoder outputs as open_clip's ``encode_image`` /
-``encode_text`` return them); each metric L2-normalises what it needs itself (see REFERENCE.md,
+``encode_text`` return them); each metric L2-normalises what it needs itself (docs/method.md,
 "Metrics"). Feature tensors may be float32 or float64 (float16/bfloat16 are upcast to float32);
 sums over many rows or pairs are accumulated in float64. Large inputs are processed in row (and
 column) blocks so that no N×N matrix is ever materialised.

@@ -11,9 +11,8 @@ Ubuntu one line installs one::
 
 (``plotly_get_chrome`` downloads Google's build instead, where the network allows.)
 
-:class:`LivePlot` is the refine callback of notebook 02: in JupyterLab it shows a ``FigureWidget``
-(needs ``anywidget``) updated at every logged step; where widgets do not render (papermill, nbval)
-it shows the same figure statically when the run ends.
+Builders are pure: they take data and return a figure, so the sweep exports them too. What reads a
+running log or needs widgets (the live training plot) is in :mod:`clip_refine_lab.ui`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import io
 import os
 import shutil
 import textwrap
-import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -103,7 +101,7 @@ def thumbnail_uri(image: Any, size: int = 96) -> str:
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
-        from .data.manifest import load_image
+        from .data.images import load_image
 
         im = load_image(str(image))
     elif isinstance(image, np.ndarray):
@@ -194,7 +192,7 @@ def image_grid(items: Sequence[Mapping], *, ncols: int = 6, thumb: int = 96, tit
 
 
 def failure_gallery(cases: Sequence[Mapping], *, title: str, ncols: int = 4, thumb: int = 96) -> go.Figure:
-    """Cases from :func:`clip_refine_lab.notebook.failure_cases` with their true and predicted labels."""
+    """Cases from :func:`clip_refine_lab.ui.examples.failure_cases` with their true and predicted labels."""
     items = [{"image": c["image"],
               "caption": f"[{c['task']}]\ntrue: {c['true']}\nbefore: {c['base_pred']}\nafter: {c['refined_pred']}",
               "border": HIT_COLOUR if c["refined_pred"] == c["true"] else MISS_COLOUR} for c in cases]
@@ -202,7 +200,7 @@ def failure_gallery(cases: Sequence[Mapping], *, title: str, ncols: int = 4, thu
 
 
 def retrieval_gallery(examples: Sequence[Mapping], *, title: str = "text → image: top results", thumb: int = 72) -> go.Figure:
-    """Text-to-image queries from :func:`clip_refine_lab.notebook.retrieval_examples`: one row per query
+    """Text-to-image queries from :func:`clip_refine_lab.ui.examples.retrieval_examples`: one row per query
     and model, its top-k images left to right, the correct image framed green."""
     items, row_titles, k = [], [], 0
     for ex in examples:
@@ -266,79 +264,6 @@ def loss_figure(records: Sequence[Mapping], val_records: Sequence[Mapping] = (),
                              line=dict(color="#9467bd"), marker=dict(size=4), showlegend=False), row=1, col=2)
     _log_layout(fig, title)
     return fig
-
-
-class LivePlot:
-    """A refine callback that plots the loss terms and the batch gap as the run goes.
-
-    ``live=True`` shows a plotly FigureWidget updated at every record when a Jupyter front end renders
-    widgets (:func:`clip_refine_lab.notebook.widgets_render`) and ``anywidget`` is installed;
-    otherwise (or with ``live=False``) :meth:`finish` displays the static figure once the run ends.
-    """
-
-    def __init__(self, live: bool = True, *, title: str | None = "post-pre-training (live)", min_interval: float = 0.25):
-        from .ui.notebook import widgets_render
-
-        self.records: list[dict] = []
-        self.val: list[dict] = []
-        self.title = title
-        self.min_interval = min_interval
-        self._last = 0.0
-        self.widget = None
-        if live and widgets_render():
-            try:
-                self.widget = go.FigureWidget(loss_figure([], title=title))
-            except ImportError:  # plotly >= 6 needs anywidget for FigureWidget
-                self.widget = None
-
-    @property
-    def live(self) -> bool:
-        return self.widget is not None
-
-    def display(self) -> None:
-        if self.widget is not None:
-            from IPython.display import display
-
-            display(self.widget)
-
-    def __call__(self, record: Mapping) -> None:
-        (self.val if record.get("kind") == "val" else self.records).append(dict(record))
-        if self.widget is not None and time.monotonic() - self._last >= self.min_interval:
-            self._refresh()
-
-    def _refresh(self) -> None:
-        new = loss_figure(self.records, self.val, title=self.title)
-        w = self.widget
-        with w.batch_update():
-            if len(w.data) != len(new.data):
-                w.data = ()
-                w.add_traces(list(new.data))  # the traces keep their subplot axes (x, x2)
-            else:
-                for old, fresh in zip(w.data, new.data):
-                    old.x, old.y = fresh.x, fresh.y
-        self._last = time.monotonic()
-
-    def figure(self) -> go.Figure:
-        return loss_figure(self.records, self.val, title=(self.title or "").replace(" (live)", "") or None)
-
-    def finish(self, run_dir: str | os.PathLike | None = None, display: bool | None = None) -> go.Figure:
-        """Bring the live figure up to date; display the static one when nothing was shown live.
-
-        With ``run_dir`` the records are re-read from its log (complete even when the run had been
-        finished before and ``refine`` returned at once, calling back nothing).
-        """
-        if run_dir is not None:
-            from .rundir import read_log
-
-            self.records, self.val = read_log(run_dir, "train"), read_log(run_dir, "val")
-        if self.widget is not None:
-            self._refresh()
-        fig = self.figure()
-        if display if display is not None else self.widget is None:
-            from IPython.display import display as show
-
-            show(fig)
-        return fig
 
 
 # ------------------------------------------------------------------------------------- tables
@@ -424,7 +349,7 @@ def gap_shift_figure(curves: Mapping[str, Sequence[Mapping]], *, title: str = "S
 
 # ---------------------------------------------------------------------------------- projections
 def projection_figure(frame, *, color: str = "modality", title: str | None = None, marker_size: int = 5) -> go.Figure:
-    """Scatter of a :func:`clip_refine_lab.projections.projection_frame` (2D or 3D: a ``z`` column), one
+    """Scatter of a :func:`clip_refine_lab.evaluation.projections.projection_frame` (2D or 3D: a ``z`` column), one
     panel per model, coloured by ``modality`` or ``class`` (texts drawn as diamonds/crosses)."""
     import plotly.express as px
 

@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from clip_refine_lab.data.images import load_image, read_image_bytes
 from clip_refine_lab.data.manifest import CaptionRecord, ClassificationRecord, ManifestError, load_manifest
-from clip_refine_lab.data.formats import (
-    WebDatasetPairs,
-    assign_shards,
-    expand_braces,
-    open_image,
-    read_image_bytes,
-    write_tar_shards,
-)
+from clip_refine_lab.data.webdataset import WebDatasetPairs, assign_shards, expand_braces, write_tar_shards
 from conftest_data import (
     image_bytes,
     make_coco,
@@ -282,7 +276,7 @@ def test_webdataset_reader_and_locators(tmp_path):
     assert recs[4].captions == (f"caption of sample {keys[4]}",)
     assert recs[4].image == f"{tmp_path / 'shards' / '00001.tar'}::{keys[4]}.jpg"
     assert read_image_bytes(recs[4].image) == image_bytes(1001)
-    assert open_image(recs[4].image).size == (32, 32)
+    assert load_image(recs[4].image).size == (32, 32)
     with pytest.raises(ManifestError, match="not found in tar shard"):
         read_image_bytes(f"{tmp_path / 'shards' / '00001.tar'}::nope.jpg")
 

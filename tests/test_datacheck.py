@@ -7,16 +7,9 @@ import shutil
 
 import pytest
 
+from clip_refine_lab.data.check import check_manifest, clean_captions, is_readable, run_data_check, validate_manifest_fields
+from clip_refine_lab.data.leakage import image_identity, leakage_report
 from clip_refine_lab.data.manifest import load_manifest
-from clip_refine_lab.data.check import (
-    check_manifest,
-    clean_captions,
-    image_identity,
-    is_readable,
-    leakage_report,
-    run_data_check,
-    validate_manifest_fields,
-)
 from conftest_data import (
     coco_name,
     make_coco,

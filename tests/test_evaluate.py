@@ -47,7 +47,8 @@ def test_feature_cache_is_reused_and_invalidated_by_new_weights(micro_world, mic
 def test_cached_features_equal_direct_encoding(micro_world, micro_base):
     loaded = load_model(str(micro_base))
     fs = features.dataset_features(loaded, micro_world.manifest("shape"), progress=False)
-    from clip_refine_lab.data.manifest import Images, load_manifest
+    from clip_refine_lab.data.datasets import Images
+    from clip_refine_lab.data.manifest import load_manifest
 
     records = load_manifest(micro_world.manifest("shape")).records()
     direct = features.encode_images(loaded.model, Images(records[:5], loaded.preprocess), progress=False)
@@ -65,7 +66,8 @@ def test_features_through_the_image_cache_equal_decoding_every_file(micro_world,
 
 
 def test_decoded_uint8_path_equals_preprocess(micro_world, micro_base):
-    from clip_refine_lab.data.manifest import load_image, load_manifest
+    from clip_refine_lab.data.images import load_image
+    from clip_refine_lab.data.manifest import load_manifest
 
     loaded = load_model(str(micro_base))
     records = load_manifest(micro_world.manifest("synthetic-web")).records()[:4]

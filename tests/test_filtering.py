@@ -12,9 +12,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from clip_refine_lab.data import filtering as filtering
-from clip_refine_lab.data.manifest import load_manifest
-from clip_refine_lab.data.formats import open_image
 from clip_refine_lab.data.filtering import clip_score_filter, scores_path
+from clip_refine_lab.data.images import load_image
+from clip_refine_lab.data.manifest import load_manifest
 from clip_refine_lab.models.loading import load_model
 from conftest_data import make_corrupt_image, make_image, make_jsonl, make_webdataset
 
@@ -44,7 +44,7 @@ def manual_scores(micro, manifest):
         if rec.id == "bad":
             continue
         with torch.no_grad():
-            fi = micro.model.encode_image(micro.preprocess(open_image(rec.image))[None])
+            fi = micro.model.encode_image(micro.preprocess(load_image(rec.image))[None])
             ft = micro.model.encode_text(micro.tokenizer(list(rec.captions)))
         fi = fi / fi.norm(dim=-1, keepdim=True)
         ft = ft / ft.norm(dim=-1, keepdim=True)
@@ -150,4 +150,4 @@ def test_webdataset_filter_writes_shards(tmp_path, micro):
     assert sorted(r.id for r in recs) == sorted(top)
     assert all(r.captions == (f"caption of sample {r.id}",) for r in recs)
     assert sorted(p.name for p in (tmp_path / "filtered" / "cc-mini-shards").iterdir()) == ["00000.tar", "00001.tar"]
-    assert open_image(recs[0].image).size == (32, 32)
+    assert load_image(recs[0].image).size == (32, 32)

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clip_refine_lab.data.manifest import load_manifest
-from clip_refine_lab.data.formats import manifest_shards, zero_shot_metadata
 from clip_refine_lab.data.check import check_manifest, validate_manifest_fields
+from clip_refine_lab.data.manifest import load_manifest
+from clip_refine_lab.data.readers import zero_shot_metadata
+from clip_refine_lab.data.webdataset import manifest_shards
 from conftest_data import make_image, write_tar, image_bytes
 
 MANIFEST_DIR = Path(__file__).resolve().parents[1] / "data_manifests"

@@ -1,4 +1,4 @@
-"""clip_refine_lab.ui.notebook (parameter checking, run selection, example picking) and .widgets."""
+"""clip_refine_lab.ui: parameter checking, run selection, examples, notebook 01's helpers, widgets and the live plot."""
 
 import ast
 import json
@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from clip_refine_lab import rundir
-from clip_refine_lab.ui import notebook as nb
+from clip_refine_lab.ui import examples, notebook, parameters, runs, starting_model
 from clip_refine_lab.config import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +28,17 @@ def parameters_of(stem: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------- parameters
-@pytest.mark.parametrize("stem", sorted(nb.NOTEBOOK_PARAMETERS))
+@pytest.mark.parametrize("stem", sorted(parameters.NOTEBOOK_PARAMETERS))
 def test_notebook_defaults_pass(stem):
-    params = nb.check_parameters(parameters_of(stem), stem)
-    assert set(params) == set(nb.NOTEBOOK_PARAMETERS[stem])
+    params = parameters.check_parameters(parameters_of(stem), stem)
+    assert set(params) == set(parameters.NOTEBOOK_PARAMETERS[stem])
     if stem in ("01_setup", "02_refine"):
         assert isinstance(params.config, RunConfig)
         assert Path(params.config.output_dir).is_absolute()
+    if stem == "08_paper_tables":  # the sweep notebook's paths come resolved
+        assert params.spec == ROOT / "sweeps" / "quick.yaml" and params.output_dir is None
+        ns = parameters_of(stem) | {"output_dir": "sweeps-x"}
+        assert parameters.check_parameters(ns, stem).output_dir == rundir.resolve_output_dir("sweeps-x")
 
 
 @pytest.mark.parametrize("name,value,message", [
@@ -54,8 +58,8 @@ def test_notebook_defaults_pass(stem):
 ])
 def test_refine_parameter_errors(name, value, message):
     ns = parameters_of("02_refine") | {name: value}
-    with pytest.raises(nb.ParameterError) as e:
-        nb.check_parameters(ns, "02_refine")
+    with pytest.raises(parameters.ParameterError) as e:
+        parameters.check_parameters(ns, "02_refine")
     assert message in str(e.value)
     assert str(e.value).startswith("02_refine: ")
     assert isinstance(e.value, ConfigError)
@@ -74,39 +78,44 @@ def test_refine_parameter_errors(name, value, message):
     ("07_failure_gallery", "run", ["a"], "run must be a string or None"),
     ("01_setup", "n_images", 1000, "n_images must be in [1, 64]"),
     ("01_setup", "seed", -1, "seed must be >= 0"),
+    ("08_paper_tables", "spec", "sweeps/nowhere.yaml", "spec file not found: sweeps/nowhere.yaml"),
+    ("08_paper_tables", "max_runs", 0, "max_runs must be >= 1, got 0"),
+    ("08_paper_tables", "blocks", [], "blocks must be None or a non-empty list"),
+    ("08_paper_tables", "run", "yes", "run must be True or False"),
+    ("08_paper_tables", "output_dir", "", "output_dir must be None or a folder"),
 ])
 def test_other_parameter_errors(stem, name, value, message):
     ns = parameters_of(stem) | {name: value}
-    with pytest.raises(nb.ParameterError, match=None) as e:
-        nb.check_parameters(ns, stem)
+    with pytest.raises(parameters.ParameterError, match=None) as e:
+        parameters.check_parameters(ns, stem)
     assert message in str(e.value)
 
 
 def test_papermill_style_values_pass():
     # papermill -p turns "0.5" into 0.5, "1" into 1, "hycd" into "hycd"
     ns = parameters_of("02_refine") | {"alpha": 1, "epochs": 1, "lr": 1e-4, "method": "hycd", "runs": None}
-    cfg = nb.check_parameters(ns, "02_refine").config
+    cfg = parameters.check_parameters(ns, "02_refine").config
     assert (cfg.alpha, cfg.epochs, cfg.lr, cfg.method) == (1, 1, 1e-4, "hycd")
 
 
 def test_missing_parameter_and_unknown_notebook():
     ns = parameters_of("03_zero_shot")
     del ns["runs"]
-    with pytest.raises(nb.ParameterError, match="runs missing"):
-        nb.check_parameters(ns, "03_zero_shot")
-    with pytest.raises(nb.ParameterError, match="unknown notebook"):
-        nb.check_parameters({}, "99_nothing")
+    with pytest.raises(parameters.ParameterError, match="runs missing"):
+        parameters.check_parameters(ns, "03_zero_shot")
+    with pytest.raises(parameters.ParameterError, match="unknown notebook"):
+        parameters.check_parameters({}, "99_nothing")
 
 
 def test_options_reach_the_config():
     ns = parameters_of("02_refine") | {"options": {"weight_decay": 0.0, "val_every": 3}}
-    cfg = nb.check_parameters(ns, "02_refine").config
+    cfg = parameters.check_parameters(ns, "02_refine").config
     assert cfg.weight_decay == 0.0 and cfg.val_every == 3
 
 
 def test_parameter_help_covers_every_parameter():
-    for stem, names in nb.NOTEBOOK_PARAMETERS.items():
-        lines = nb.parameter_help(stem).splitlines()
+    for stem, names in parameters.NOTEBOOK_PARAMETERS.items():
+        lines = parameters.parameter_help(stem).splitlines()
         assert [line.split(":")[0] for line in lines] == list(names)
 
 
@@ -130,7 +139,7 @@ def test_relative_data_paths_are_found_from_notebooks(monkeypatch):
     manifest = sorted((ROOT / "data_manifests").glob("*.yaml"))[0]
     rel = str(manifest.relative_to(ROOT))
     assert rundir.resolve_path(rel) == manifest
-    cfg = nb.check_parameters(parameters_of("02_refine") | {"data": rel}, "02_refine").config
+    cfg = parameters.check_parameters(parameters_of("02_refine") | {"data": rel}, "02_refine").config
     assert cfg.data == str(manifest)
 
 
@@ -152,33 +161,32 @@ def test_run_selection(tmp_path):
     fake_run(tmp_path, "d", "micro", finished=False)
     assert rundir.finished_runs(tmp_path, "micro") == [a, b]
     assert [p.name for p in rundir.finished_runs(tmp_path, "any")] == ["a", "b", "c"]
-    assert nb.select_runs(None, tmp_path, "micro") == [b]  # the latest of the preset
-    assert nb.select_runs("a", tmp_path, "micro") == [a.resolve()]
-    assert nb.select_runs(["b", str(a)], tmp_path) == [b.resolve(), a.resolve()]
+    assert runs.select_runs(None, tmp_path, "micro") == [b]  # the latest of the preset
+    assert runs.select_runs("a", tmp_path, "micro") == [a.resolve()]
+    assert runs.select_runs(["b", str(a)], tmp_path) == [b.resolve(), a.resolve()]
     with pytest.raises(FileNotFoundError, match="finished runs there: a, b, c"):
-        nb.select_runs("zzz", tmp_path)
+        runs.select_runs("zzz", tmp_path)
     with pytest.raises(FileNotFoundError, match="not finished"):
         rundir.find_run("d", tmp_path)
-    with pytest.raises(FileNotFoundError, match="no finished run of preset 'default'"):
-        nb.select_runs(None, tmp_path / "empty", "default", make=False)
+    assert runs.select_runs(None, tmp_path / "empty", "default") == []  # only looks: never trains
 
 
 # ------------------------------------------------------------------------------------ small pieces
 def test_pick_is_seeded_and_bounded():
-    assert nb.pick(5, 10) == [0, 1, 2, 3, 4]
-    p = nb.pick(100, 7, seed=3)
-    assert p == sorted(set(p)) and len(p) == 7 and p == nb.pick(100, 7, seed=3)
-    assert p != nb.pick(100, 7, seed=4)
+    assert examples.pick(5, 10) == [0, 1, 2, 3, 4]
+    p = examples.pick(100, 7, seed=3)
+    assert p == sorted(set(p)) and len(p) == 7 and p == examples.pick(100, 7, seed=3)
+    assert p != examples.pick(100, 7, seed=4)
 
 
 def test_flips():
     labels = torch.tensor([0, 1, 2, 3, 0])
     base = torch.tensor([0, 0, 2, 1, 1])
     refined = torch.tensor([1, 1, 2, 3, 1])
-    fixed, broken = nb.flips(base, refined, labels)
+    fixed, broken = examples.flips(base, refined, labels)
     assert fixed == [1, 3] and broken == [0]
     with pytest.raises(ValueError, match="shapes differ"):
-        nb.flips(base[:2], refined, labels)
+        examples.flips(base[:2], refined, labels)
 
 
 def test_topk_helpers():
@@ -187,19 +195,19 @@ def test_topk_helpers():
     image = torch.eye(4)
     text = torch.eye(4)[[0, 0, 1, 2, 3]] + 0.01
     fs = FeatureSet("x", "captions", image, text, torch.tensor([0, 0, 1, 2, 3]))
-    assert nb.text_to_image_topk(fs, [2, 4], k=1).flatten().tolist() == [1, 3]
-    assert nb.image_to_text_topk(fs, [0], k=2)[0].sort().values.tolist() == [0, 1]
+    assert examples.text_to_image_topk(fs, [2, 4], k=1).flatten().tolist() == [1, 3]
+    assert examples.image_to_text_topk(fs, [0], k=2)[0].sort().values.tolist() == [0, 1]
 
 
 def test_strip_outputs_keeps_checked_cells():
-    notebook = {"metadata": {"widgets": {"state": {}}, "kernelspec": {"name": "python3"}}, "cells": [
+    committed = {"metadata": {"widgets": {"state": {}}, "kernelspec": {"name": "python3"}}, "cells": [
         {"cell_type": "code", "source": "print(1)", "execution_count": 3, "metadata": {"execution": {}},
          "outputs": [{"output_type": "stream", "name": "stdout", "text": "1\n"}]},
         {"cell_type": "code", "source": "# NBVAL_CHECK_OUTPUT\nprint(2)", "execution_count": 4, "metadata": {},
          "outputs": [{"output_type": "stream", "name": "stdout", "text": "2\n"}]},
         {"cell_type": "markdown", "source": "hi", "metadata": {}},
     ]}
-    out = nb.strip_outputs(notebook)
+    out = notebook.strip_outputs(committed)
     assert out["cells"][0]["outputs"] == [] and out["cells"][0]["execution_count"] is None
     assert out["cells"][0]["metadata"] == {}
     assert out["cells"][1]["outputs"][0]["text"] == "2\n"
@@ -208,36 +216,39 @@ def test_strip_outputs_keeps_checked_cells():
 
 
 def test_widgets_render_follows_the_jupyter_server(monkeypatch):
+    from clip_refine_lab.progress import PROGRESS_ENV, widgets_render
+
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
-    assert not nb.widgets_render()
+    assert not widgets_render()  # papermill and nbval: text progress, static figures
     monkeypatch.setenv("JPY_SESSION_NAME", "/x/02_refine.ipynb")
-    assert nb.widgets_render()
+    assert widgets_render()
 
 
 def test_export_is_a_no_op_without_a_folder():
-    assert nb.export(object(), None, "x") is None
+    assert notebook.export(object(), None, "x") is None
 
 
 # --------------------------------------------------------------------------- with the micro world
 def test_world_helpers(micro_world):
     cfg = RunConfig(preset="micro").resolved()
-    world = nb.embedded_world(cfg)
-    assert world.root == micro_world.root
-    table = nb.task_table(world)
+    assert starting_model.uses_embedded_world(cfg)
+    table = starting_model.task_table(micro_world)
     assert all(t in table for t in micro_world.tasks)
     assert "shape-colour" in table and "64" in table
-    assert nb.task_table(None).startswith("(no embedded world")
+    assert starting_model.task_table(None).startswith("(no embedded world")
     real = RunConfig(preset="micro", pretrained="/x/model.safetensors", data="/x/coco.yaml")
-    assert nb.embedded_world(real) is None
-    items = nb.caption_samples(micro_world.manifest("synthetic-coco"), 5, seed=1)
+    assert not starting_model.uses_embedded_world(real)
+    assert starting_model.uses_embedded_world(RunConfig(preset="micro", pretrained="/x/model.safetensors"))
+    items = examples.caption_samples(micro_world.manifest("synthetic-coco"), 5, seed=1)
     assert len(items) == 5 and all(Path(i["image"]).is_file() and i["caption"] for i in items)
     assert "(+4 more)" in items[0]["caption"]
-    items = nb.caption_samples(micro_world.manifest("shape"), 3)
+    items = examples.caption_samples(micro_world.manifest("shape"), 3)
     assert items[0]["caption"] in ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "ring")
-    row = nb.chance_row([micro_world.manifest("shape"), micro_world.manifest("size")])
+    row = starting_model.chance_row([micro_world.manifest("shape"), micro_world.manifest("size")])
     assert row == pytest.approx({"shape": 12.5, "size": 50.0, "average": 31.25})
     # a compositional probe gets its chance level but stays out of the average
-    row = nb.chance_row([micro_world.manifest("shape"), micro_world.manifest("size"), micro_world.manifest("relation")])
+    row = starting_model.chance_row([micro_world.manifest("shape"), micro_world.manifest("size"), micro_world.manifest("relation")])
     assert row == pytest.approx({"shape": 12.5, "size": 50.0, "relation": 25.0, "average": 31.25})
 
 
@@ -245,15 +256,41 @@ def test_world_helpers(micro_world):
 def quick(micro_base, tmp_path_factory):
     """A finished micro run made by the notebooks' fallback."""
     out = tmp_path_factory.mktemp("runs")
-    first = nb.select_runs(None, out, "micro", progress=False)
+    first = runs.select_runs_or_quick_run(None, out, "micro", progress=False)
     return out, first[0]
+
+
+def test_quick_run_is_announced_and_explicit(tmp_path, monkeypatch, capsys):
+    made = []
+    monkeypatch.setattr("clip_refine_lab.ui.runs.quick_run",
+                        lambda out, preset, progress=True: made.append(preset) or tmp_path / "quick-micro")
+    assert runs.select_runs_or_quick_run(None, tmp_path, "micro") == [tmp_path / "quick-micro"]
+    lines = capsys.readouterr().out.splitlines()
+    assert made == ["micro"] and len(lines) == 1 and lines[0].startswith("No finished run of preset 'micro'")
+    b = fake_run(tmp_path, "b", "micro")
+    assert runs.select_runs_or_quick_run(None, tmp_path, "micro") == [b]
+    assert made == ["micro"] and capsys.readouterr().out == ""
+
+
+def test_ensure_evaluated_says_which_runs_it_evaluates(tmp_path, monkeypatch, capsys):
+    done, pending = fake_run(tmp_path, "done", "micro"), fake_run(tmp_path, "pending", "micro")
+    (done / "metrics.json").write_text("{}")
+    evaluated = []
+    monkeypatch.setattr("clip_refine_lab.evaluation.evaluate.evaluate_run",
+                        lambda run, progress=True: evaluated.append(run))
+    assert runs.ensure_evaluated([done, pending]) == [done, pending]
+    assert evaluated == [pending]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "1 run(s) without metrics.json (pending)" in lines[0]
+    runs.ensure_evaluated([done])
+    assert evaluated == [pending] and capsys.readouterr().out == ""
 
 
 def test_select_runs_makes_a_quick_run_once(quick):
     out, run = quick
     assert run.name == "quick-micro" and (run / "summary.json").is_file()
-    assert nb.select_runs(None, out, "micro") == [run]
-    assert nb.quick_run(out, "micro", progress=False) == run  # reused, not retrained
+    assert runs.select_runs(None, out, "micro") == [run]
+    assert runs.quick_run(out, "micro", progress=False) == run  # reused, not retrained
 
 
 def test_examples_from_a_run(quick):
@@ -261,16 +298,16 @@ def test_examples_from_a_run(quick):
 
     out, run = quick
     base, refined = load_run_models(run)
-    ret = nb.dataset_for(run, None, "retrieval")
+    ret = runs.dataset_for(run, None, "retrieval")
     assert ret.name == "synthetic-retrieval.yaml"
-    assert nb.dataset_for(run, None, "zero_shot").name == "shape.yaml"  # the suite's order
-    assert nb.dataset_for(run, "colour", "zero_shot").name == "colour.yaml"
+    assert runs.dataset_for(run, None, "zero_shot").name == "shape.yaml"  # the suite's order
+    assert runs.dataset_for(run, "colour", "zero_shot").name == "colour.yaml"
     with pytest.raises(ValueError, match="not a split of the embedded world"):
-        nb.dataset_for(run, "imagenet", "zero_shot")
+        runs.dataset_for(run, "imagenet", "zero_shot")
     with pytest.raises(FileNotFoundError, match="manifest not found"):
-        nb.dataset_for(run, "nowhere/x.yaml", "zero_shot")
+        runs.dataset_for(run, "nowhere/x.yaml", "zero_shot")
 
-    ex = nb.retrieval_examples({"pre-trained": base, "refined": refined}, ret, n_queries=2, k=3, seed=0)
+    ex = examples.retrieval_examples({"pre-trained": base, "refined": refined}, ret, n_queries=2, k=3, seed=0)
     assert len(ex["t2i"]) == 2 and len(ex["i2t"]) == 2
     for q in ex["t2i"]:
         assert set(q["results"]) == {"pre-trained", "refined"} and len(q["results"]["refined"]) == 3
@@ -279,12 +316,12 @@ def test_examples_from_a_run(quick):
     for q in ex["i2t"]:
         for r in q["results"]["pre-trained"]:
             assert r["hit"] == (r["caption"] in q["captions"])
-    html = nb.i2t_html(ex["i2t"]).data
+    html = examples.i2t_html(ex["i2t"]).data
     assert html.count("<tr>") == 3 and "data:image/png;base64," in html
 
-    manifests = nb.zero_shot_manifests(run)
+    manifests = runs.zero_shot_manifests(run)
     assert [m.stem for m in manifests[:2]] == ["shape", "colour"]
-    cases = nb.failure_cases(base, refined, manifests[:4], n=3, seed=0)
+    cases = examples.failure_cases(base, refined, manifests[:4], n=3, seed=0)
     assert [c["task"] for c in cases["counts"]] == [m.stem for m in manifests[:4]]
     for kind in ("fixed", "broken"):
         assert len(cases[kind]) <= 3
@@ -293,7 +330,7 @@ def test_examples_from_a_run(quick):
             assert (c["refined_pred"] == c["true"]) == (kind == "fixed")
             assert (c["base_pred"] == c["true"]) == (kind == "broken")
     with pytest.raises(ValueError, match="needs classification sets"):
-        nb.failure_cases(base, refined, [ret])
+        examples.failure_cases(base, refined, [ret])
 
 
 # ------------------------------------------------------------------------------------------ widgets
@@ -369,7 +406,7 @@ def test_projection_explorer_passes_its_values():
 def test_leakage_summary_reads_each_runs_metrics(tmp_path):
     import json
 
-    from clip_refine_lab.ui.notebook import leakage_summary
+    from clip_refine_lab.ui.runs import leakage_summary
 
     done, pending = tmp_path / "done", tmp_path / "pending"
     done.mkdir()

@@ -11,11 +11,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from clip_refine_lab.ui.notebook import CHECK_OUTPUT_MARK, NOTEBOOK_PARAMETERS, strip_outputs
+from clip_refine_lab.ui.notebook import CHECK_OUTPUT_MARK, strip_outputs
+from clip_refine_lab.ui.parameters import NOTEBOOK_PARAMETERS
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))  # every notebook: valid, no stray outputs, literal parameters
-TOUR = [NOTEBOOKS / f"{stem}.ipynb" for stem in NOTEBOOK_PARAMETERS]  # the tour 01-07: clip_refine_lab.ui.notebook
+TOUR = [NOTEBOOKS / f"{stem}.ipynb" for stem in NOTEBOOK_PARAMETERS]  # checked by clip_refine_lab.ui.parameters
 HINT = "run `python -m clip_refine_lab.ui.notebook strip notebooks/*.ipynb` before committing"
 
 
@@ -81,14 +82,14 @@ def test_parameters_cell_is_plain_literals(path):
         names.append(node.targets[0].id)
     if path.stem in NOTEBOOK_PARAMETERS:
         assert names == list(NOTEBOOK_PARAMETERS[path.stem]), (
-            f"{path.name}: parameters cell and clip_refine_lab.ui.notebook.NOTEBOOK_PARAMETERS disagree")
+            f"{path.name}: parameters cell and clip_refine_lab.ui.parameters.NOTEBOOK_PARAMETERS disagree")
 
 
 @pytest.mark.parametrize("path", TOUR, ids=lambda p: p.stem)
 def test_parameters_are_checked_right_after(path):
     cells = code_cells(load(path))
     assert f'check_parameters(globals(), "{path.stem}")' in source(cells[1]), (
-        f"{path.name}: the cell after the parameters must call nb.check_parameters(globals(), \"{path.stem}\")")
+        f"{path.name}: the cell after the parameters must call check_parameters(globals(), \"{path.stem}\")")
 
 
 @pytest.mark.parametrize("path", TOUR, ids=lambda p: p.stem)
@@ -108,3 +109,13 @@ def test_papermill_sees_every_parameter(path, caplog):
         params = papermill.inspect_notebook(str(path))
     assert list(params) == list(NOTEBOOK_PARAMETERS[path.stem])
     assert "Unable to parse" not in caplog.text
+
+
+@pytest.mark.parametrize("path", TOUR, ids=lambda p: p.stem)
+def test_notebooks_leave_progress_and_folders_to_the_library(path):
+    """Bars come from clip_refine_lab.progress (text under papermill/nbval) and folders from
+    clip_refine_lab.rundir (which honours $CLIP_REFINE_LAB_OUTPUT_ROOT), never from a cell."""
+    for i, cell in enumerate(code_cells(load(path))):
+        text = source(cell)
+        for banned in ("tqdm", "Path(", "os.path", "mkdir", "pretrain_base"):
+            assert banned not in text, f"{path.name}, code cell {i} uses {banned}: call the library instead"

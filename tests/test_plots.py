@@ -1,4 +1,5 @@
-"""clip_refine_lab.plots (figure builders, LivePlot, PNG export) and clip_refine_lab.evaluation.projections."""
+"""clip_refine_lab.plots (figure builders, PNG export), clip_refine_lab.ui.live.LivePlot and
+clip_refine_lab.evaluation.projections."""
 
 import base64
 import io
@@ -14,6 +15,7 @@ from PIL import Image
 
 from clip_refine_lab import plots
 from clip_refine_lab.features import FeatureSet
+from clip_refine_lab.ui.live import LivePlot
 
 TRAIN = [{"kind": "train", "step": s, "epoch": 0, "lr": 1e-4, "rafa": 2.0 / s, "hycd": 1.0 / s, "loss": 3.0 / s,
           "gap": 1.5 - 0.1 * s, "image_norm": 5.0, "text_norm": 6.0, "logit_scale": 14.0, "pairs_per_s": 30.0}
@@ -90,8 +92,9 @@ def test_loss_terms_and_figure():
 
 
 def test_live_plot_static_where_widgets_do_not_render(monkeypatch, tmp_path):
+    monkeypatch.delenv("CLIP_REFINE_LAB_PROGRESS", raising=False)
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
-    lp = plots.LivePlot(live=True)
+    lp = LivePlot(live=True)
     assert not lp.live
     for r in TRAIN[:2] + VAL[:1]:
         lp(r)
@@ -100,14 +103,15 @@ def test_live_plot_static_where_widgets_do_not_render(monkeypatch, tmp_path):
     assert "(live)" not in (fig.layout.title.text or "")
     # from a run directory's log (a finished run calls nothing back)
     (tmp_path / "log.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in TRAIN + VAL))
-    fig = plots.LivePlot(live=False).finish(tmp_path, display=False)
+    fig = LivePlot(live=False).finish(tmp_path, display=False)
     assert len(fig.data[0].x) == 4
 
 
 def test_live_plot_updates_a_figure_widget(monkeypatch):
     pytest.importorskip("anywidget")
+    monkeypatch.delenv("CLIP_REFINE_LAB_PROGRESS", raising=False)
     monkeypatch.setenv("JPY_SESSION_NAME", "02_refine.ipynb")
-    lp = plots.LivePlot(live=True, min_interval=0.0)
+    lp = LivePlot(live=True, min_interval=0.0)
     assert lp.live and isinstance(lp.widget, go.FigureWidget)
     for r in TRAIN:
         lp(r)
@@ -115,7 +119,7 @@ def test_live_plot_updates_a_figure_widget(monkeypatch):
     names = [t.name for t in lp.widget.data]
     assert names == ["loss", "rafa", "hycd", "val_loss", "gap"]
     assert list(lp.widget.data[0].y) == pytest.approx([r["loss"] for r in TRAIN])
-    assert plots.LivePlot(live=False).widget is None
+    assert LivePlot(live=False).widget is None
 
 
 # --------------------------------------------------------------------------------------- tables

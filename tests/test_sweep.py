@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from clip_refine_lab.sweep import sweep as sw
+from clip_refine_lab import sweep as sw
+from clip_refine_lab.sweep.spec import _data_ref, scene_matches, spec_for_saving
 from clip_refine_lab.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,15 +81,15 @@ def test_where_filter_writes_a_narrower_training_set(tmp_path, micro_world):
 
 
 def test_where_position_keeps_scenes_whose_every_object_is_in_the_listed_cells():
-    from clip_refine_lab.embedded.world import CELLS, POSITION_NAMES
+    from clip_refine_lab.embedded.vocabulary import CELLS, POSITION_NAMES
 
     middle_row = ["middle left", "centre", "middle right"]
     assert [POSITION_NAMES[CELLS.index(c)] for c in ((1, 0), (1, 1), (1, 2))] == middle_row
     where = (("position", tuple(middle_row)),)
-    assert sw.scene_matches({"objects": [{"cell": [1, 0]}, {"cell": [1, 2]}]}, where)
-    assert not sw.scene_matches({"objects": [{"cell": [1, 1]}, {"cell": [0, 1]}]}, where)
-    assert not sw.scene_matches({"objects": [{"colour": "red"}]}, where)  # no cell recorded: not kept
-    ref = sw._data_ref("x", {"split": "synthetic-coco", "where": {"position": middle_row}})
+    assert scene_matches({"objects": [{"cell": [1, 0]}, {"cell": [1, 2]}]}, where)
+    assert not scene_matches({"objects": [{"cell": [1, 1]}, {"cell": [0, 1]}]}, where)
+    assert not scene_matches({"objects": [{"colour": "red"}]}, where)  # no cell recorded: not kept
+    ref = _data_ref("x", {"split": "synthetic-coco", "where": {"position": middle_row}})
     assert ref.where == where and ref.label == "synthetic-coco, position in {middle left, centre, middle right}"
 
 
@@ -96,7 +97,7 @@ def test_saved_spec_with_where_filter_parses_again(tmp_path):
     """The sweep folder's spec.yaml (read back by notebook 08 and the tables) keeps 'where' a mapping."""
     spec = spec_of({"narrow": {"table": "data", "seeds": [0], "base": {
         "data": {"split": "synthetic-coco", "where": {"colour": ["red", "green"], "background": ["plain"]}}}}})
-    saved = yaml.safe_load(yaml.safe_dump(sw._spec_for_saving(spec), sort_keys=False))
+    saved = yaml.safe_load(yaml.safe_dump(spec_for_saving(spec), sort_keys=False))
     assert saved["blocks"]["narrow"]["base"]["data"]["where"] == {"colour": ["red", "green"], "background": ["plain"]}
     again = sw.parse_spec(saved)
     assert [r.name for r in sw.expand(again, tmp_path)] == [r.name for r in sw.expand(spec, tmp_path)]
@@ -199,12 +200,12 @@ def test_identical_configs_are_shared_not_rerun(tmp_path, monkeypatch):
 
     monkeypatch.setattr("clip_refine_lab.training.loop.refine", fake_refine)
     monkeypatch.setattr("clip_refine_lab.evaluation.evaluate.evaluate_run", fake_eval)
-    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
+    monkeypatch.setattr("clip_refine_lab.embedded.base.base_is_built", lambda *a, **k: True)
     report = sw.run_sweep(spec, sweep_dir, progress=False)
     assert calls == ["clip-refine-s0", "alpha1-s0", "alpha0.5-s0"] and report.ok
     assert report.skipped == ["alpha/alpha0.5-s0"]
     assert suites[:2] == [None, None] and yaml.safe_load(suites[2].read_text())["zero_shot"] == ["shape"]
-    assert sw.read_log(sweep_dir)[3] == {**sw.read_log(sweep_dir)[3], "event": "skipped", "shared_with": "main/clip-refine-s0"}
+    assert sw.read_sweep_log(sweep_dir)[3] == {**sw.read_sweep_log(sweep_dir)[3], "event": "skipped", "shared_with": "main/clip-refine-s0"}
     assert list(report.tables.mean["alpha"].index) == ["pre-trained", "alpha=0.5", "alpha=1"]
     plan = sw.plan(spec, sweep_dir)
     shared = plan.set_index(["block", "run"]).shared_with
@@ -225,7 +226,7 @@ def _fake_sweep(tmp_path, blocks, seeds=(0, 1, 2)):
     spec = sw.parse_spec({"name": "t", "preset": "micro", "seeds": list(seeds), "blocks": blocks})
     sweep_dir = tmp_path / "sw"
     sweep_dir.mkdir()
-    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(sw._spec_for_saving(spec), sort_keys=False))
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec_for_saving(spec), sort_keys=False))
     return spec, sweep_dir, sw.expand(spec, sweep_dir)
 
 
@@ -343,11 +344,11 @@ def test_second_invocation_runs_nothing(tmp_path, monkeypatch):
         _write_run(r, _metrics(r.run_name, {"shape": 0.5}, 0.1, 1.0))
     monkeypatch.setattr("clip_refine_lab.training.loop.refine", _boom)
     monkeypatch.setattr("clip_refine_lab.evaluation.evaluate.evaluate_run", _boom)
-    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
+    monkeypatch.setattr("clip_refine_lab.embedded.base.base_is_built", lambda *a, **k: True)
     report = sw.run_sweep(spec, sweep_dir, progress=False)
     assert report.ok and report.skipped == ["main/hycd-s0", "main/self-kd-s0"] and not report.ran
     assert "main_zero_shot" in report.tables
-    events = [e["event"] for e in sw.read_log(sweep_dir)]
+    events = [e["event"] for e in sw.read_sweep_log(sweep_dir)]
     assert events == ["start", "skipped", "skipped", "done"]
 
 
@@ -370,13 +371,13 @@ def test_failed_run_is_logged_and_sweep_continues(tmp_path, monkeypatch):
 
     monkeypatch.setattr("clip_refine_lab.training.loop.refine", fake_refine)
     monkeypatch.setattr("clip_refine_lab.evaluation.evaluate.evaluate_run", fake_eval)
-    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
+    monkeypatch.setattr("clip_refine_lab.embedded.base.base_is_built", lambda *a, **k: True)
     report = sw.run_sweep(spec, sweep_dir, progress=False)
     assert calls == ["hycd-s0", "self-kd-s0"]
     assert [k for k, _ in report.failed] == ["main/hycd-s0"] and "loss exploded" in report.failed[0][1]
     assert report.ran == ["main/self-kd-s0"] and report.evaluated == ["main/self-kd-s0"]
     assert "FAILED main/hycd-s0: RuntimeError: loss exploded" in report.summary()
-    failed = [e for e in sw.read_log(sweep_dir) if e["event"] == "failed"]
+    failed = [e for e in sw.read_sweep_log(sweep_dir) if e["event"] == "failed"]
     assert failed[0]["run"] == "main/hycd-s0" and "loss exploded" in failed[0]["error"]
     assert list(report.tables.mean["main_zero_shot"].index) == ["pre-trained", "self-kd"]
 
@@ -389,7 +390,7 @@ def test_changed_config_under_same_name_is_reported(tmp_path, monkeypatch):
     other.to_yaml(run.run_dir / "config.yaml")
     (run.run_dir / "summary.json").write_text("{}")
     monkeypatch.setattr("clip_refine_lab.training.loop.refine", _boom)
-    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
+    monkeypatch.setattr("clip_refine_lab.embedded.base.base_is_built", lambda *a, **k: True)
     report = sw.run_sweep(spec, sweep_dir, progress=False, outputs=False)
     assert len(report.failed) == 1 and "different configuration (lr)" in report.failed[0][1]
 
@@ -406,6 +407,7 @@ def test_run_from_an_older_embedded_base_is_reported(tmp_path, monkeypatch):
     (run.run_dir / "base.json").write_text(json.dumps({"pretrained": "/elsewhere/base/micro-vit-32-oldkey.safetensors"}))
     assert sw.config_mismatch(run) == ["pretrained: the embedded base model is a newer version"]
     monkeypatch.setattr("clip_refine_lab.training.loop.refine", _boom)
+    monkeypatch.setattr("clip_refine_lab.embedded.base.base_is_built", lambda *a, **k: True)
     report = sw.run_sweep(spec, sweep_dir, progress=False, outputs=False)
     assert len(report.failed) == 1 and "embedded base model is a newer version" in report.failed[0][1]
 
@@ -418,10 +420,10 @@ def test_interrupted_run_is_resumed(tmp_path, monkeypatch):
     (run.run_dir / "checkpoints" / "last.pt").write_bytes(b"x")
     seen = []
     monkeypatch.setattr("clip_refine_lab.training.loop.refine", lambda cfg, progress=True: seen.append(cfg) or run.run_dir)
-    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.base_checkpoint_path", lambda *a, **k: Path(__file__))
+    monkeypatch.setattr("clip_refine_lab.embedded.base.base_is_built", lambda *a, **k: True)
     report = sw.run_sweep(spec, sweep_dir, progress=False, evaluate=False, outputs=False)
     assert report.resumed == ["main/hycd-s0"] and seen[0].run_name == "hycd-s0"
-    assert sw.read_log(sweep_dir)[1]["event"] == "resumed"
+    assert sw.read_sweep_log(sweep_dir)[1]["event"] == "resumed"
 
 
 def test_dry_run_plan(tmp_path, capsys):

@@ -194,7 +194,8 @@ def test_sample_count_from_img2dataset_stats(tmp_path):
     import json
 
     from clip_refine_lab.data.manifest import load_manifest
-    from clip_refine_lab.data.formats import ManifestError, manifest_num_samples, manifest_shards
+    from clip_refine_lab.data.manifest import ManifestError
+    from clip_refine_lab.data.webdataset import manifest_num_samples, manifest_shards
 
     man, _ = shards_manifest(tmp_path, num_samples=None)
     manifest = load_manifest(man)

@@ -1,4 +1,4 @@
-"""Tests of the embedded synthetic world (clip_refine_lab.embedded.world), on the "micro" preset.
+"""Tests of the embedded synthetic world (clip_refine_lab.embedded), on the "micro" preset.
 
 The caption checker below is written independently of the caption generator: it only uses the
 exported vocabulary tables, parses a caption into claims (noun phrases with count/size/colour/shape,
@@ -17,7 +17,11 @@ import pytest
 from PIL import Image
 
 from clip_refine_lab.data import manifest as data
+from clip_refine_lab.embedded import captions, rendering, tasks
+from clip_refine_lab.embedded import scenes as scene_gen
+from clip_refine_lab.embedded import vocabulary as V
 from clip_refine_lab.embedded import world as W
+from clip_refine_lab.utils import stable_hash
 
 MICRO = W.WorldConfig.preset("micro")
 
@@ -54,24 +58,24 @@ FILLERS = {"a", "an", "the", "of", "in", "at", "on", "against", "with", "and", "
 
 def _phrase_table():
     table = []  # (words, category, value)
-    for n, phrases in W.COUNT_WORDS.items():
+    for n, phrases in V.COUNT_WORDS.items():
         table += [(tuple(p.split()), "count", n) for p in phrases]
-    for s, phrases in W.SIZE_WORDS.items():
+    for s, phrases in V.SIZE_WORDS.items():
         table += [(tuple(p.split()), "size", s) for p in phrases]
-    for c, phrases in W.COLOUR_WORDS.items():
+    for c, phrases in V.COLOUR_WORDS.items():
         table += [(tuple(p.split()), "colour", c) for p in phrases]
-    for shape, forms in W.SHAPE_WORDS.items():
+    for shape, forms in V.SHAPE_WORDS.items():
         for sing, plur in forms:
             table += [(tuple(sing.split()), "shape", (shape, False)), (tuple(plur.split()), "shape", (shape, True))]
-    for sing, plur in W.GENERIC_NOUNS:
+    for sing, plur in V.GENERIC_NOUNS:
         table.append((tuple(sing.split()), "generic", False))
         if plur:
             table.append((tuple(plur.split()), "generic", True))
-    for cell, phrases in W.POSITION_WORDS.items():
+    for cell, phrases in V.POSITION_WORDS.items():
         table += [(tuple(p.split()), "pos", tuple(cell)) for p in phrases]
-    for rel, phrases in W.RELATION_WORDS.items():
+    for rel, phrases in V.RELATION_WORDS.items():
         table += [(tuple(p.split()), "rel", rel) for p in phrases]
-    for bg, phrases in W.BACKGROUND_WORDS.items():
+    for bg, phrases in V.BACKGROUND_WORDS.items():
         table += [(tuple(p.split()), "bg", bg) for p in phrases]
     seen = {}
     for words, cat, val in table:  # the vocabulary itself must be unambiguous
@@ -245,7 +249,7 @@ def test_reuse_does_not_rebuild(built, monkeypatch):
 def test_manifests_round_trip(built):
     w = built
     cfg = w.config
-    assert len(w.tasks) >= 10 + 3 and len(w.validation_tasks) == len(W.BASE_TASKS)
+    assert len(w.tasks) >= 10 + 3 and len(w.validation_tasks) == len(tasks.BASE_TASKS)
     assert {"shape-sketch", "shape-noise", "shape-palette"} <= set(w.tasks)
     assert not any(t.startswith("colour") and t.endswith("palette") for t in w.tasks)
     # relation is a compositional probe (reported, not in the zero-shot average); every other task is not
@@ -275,7 +279,7 @@ def test_manifests_round_trip(built):
             ids.add(r.id)
         total += len(recs)
     assert len(ids) == total
-    nclasses = {t: len(data.load_manifest(w.manifest(t)).classnames) for t in W.BASE_TASKS}
+    nclasses = {t: len(data.load_manifest(w.manifest(t)).classnames) for t in tasks.BASE_TASKS}
     assert nclasses["shape"] >= 8 and nclasses["colour"] >= 8 and nclasses["position"] == 9
     assert nclasses["shape-colour"] >= 64
     with pytest.raises(KeyError, match="synthetic-coco"):
@@ -299,7 +303,7 @@ def test_captions_true_of_scenes(built):
         for r in _records(w, name):
             scene = r.meta["meta"]
             for cap in r.captions:
-                assert len(cap.split()) <= W.MAX_CAPTION_WORDS, cap
+                assert len(cap.split()) <= captions.MAX_CAPTION_WORDS, cap
                 noise = scene.get("noise", "clean")
                 if noise == "mismatched":
                     tokenize(cap)  # still made of the world's vocabulary
@@ -311,11 +315,11 @@ def test_describe_true_on_many_scenes():
     cfg = W.WorldConfig()
     rng = np.random.default_rng(123)
     for _ in range(1500):
-        scene = W.generate_scene(rng, cfg)
-        full, part = W.describe(scene, rng, "full"), W.describe(scene, rng, "partial")
+        scene = scene_gen.generate_scene(rng, cfg.image_size)
+        full, part = captions.describe(scene, rng, "full"), captions.describe(scene, rng, "partial")
         assert caption_true(full, scene, complete=True), (full, scene)
         assert caption_true(part, scene), (part, scene)
-        assert len(full.split()) <= W.MAX_CAPTION_WORDS and len(part.split()) <= W.MAX_CAPTION_WORDS
+        assert len(full.split()) <= captions.MAX_CAPTION_WORDS and len(part.split()) <= captions.MAX_CAPTION_WORDS
 
 
 def test_partial_captions_name_two_attributes():
@@ -324,8 +328,8 @@ def test_partial_captions_name_two_attributes():
     cfg = W.WorldConfig()
     rng = np.random.default_rng(7)
     for _ in range(800):
-        scene = W.generate_scene(rng, cfg)
-        cap = W.describe(scene, rng, "partial")
+        scene = scene_gen.generate_scene(rng, cfg.image_size)
+        cap = captions.describe(scene, rng, "partial")
         cats = [c for c, _ in tokenize(cap)]
         attrs = [c for c in cats if c in ("shape", "colour", "size", "pos", "bg", "count", "rel")]
         assert len(attrs) >= 2, (cap, scene)
@@ -339,19 +343,19 @@ def _check_label(task: str, classname: str, scene: dict) -> None:
         assert len(objs) == 1
         o = objs[0]
         value = {"shape": o["shape"], "colour": o["colour"], "size": o["size"],
-                 "position": W.POSITION_WORDS[tuple(o["cell"])][0], "shape-colour": f"{o['colour']} {o['shape']}"}[task]
+                 "position": V.POSITION_WORDS[tuple(o["cell"])][0], "shape-colour": f"{o['colour']} {o['shape']}"}[task]
         assert value == classname
     elif task == "count":
         assert classname.split()[0] == ("one", "two", "three")[len(objs) - 1]
     elif task == "background":
-        assert W.BACKGROUND_NAMES[scene["background"]] == classname
+        assert V.BACKGROUND_NAMES[scene["background"]] == classname
     elif task == "relation":
         red = [o for o in objs if o["colour"] == "red"]
         blue = [o for o in objs if o["colour"] == "blue"]
         assert len(objs) == 2 and len(red) == 1 and len(blue) == 1
         holds = [r for r in ("left", "right", "above", "below") if _rel_ok(r, red[0], blue[0])]
         assert len(holds) == 1
-        assert classname == f"red shape {W.RELATION_WORDS[holds[0]][0]} a blue shape"
+        assert classname == f"red shape {V.RELATION_WORDS[holds[0]][0]} a blue shape"
     elif task == "biggest-colour":
         assert len(objs) == 2 and {o["size"] for o in objs} == {"small", "large"}
         assert objs[0]["colour"] != objs[1]["colour"]
@@ -384,7 +388,7 @@ def _near(px, rgb, tol):
 
 def _check_render(img: np.ndarray, scene: dict, size: int) -> None:
     side = size / 3
-    colours = np.asarray(list(W.COLOURS.values()))
+    colours = np.asarray(list(V.COLOURS.values()))
     inside = np.zeros(img.shape[:2], bool)
     for o in scene["objects"]:
         r, c = o["cell"]
@@ -392,9 +396,9 @@ def _check_render(img: np.ndarray, scene: dict, size: int) -> None:
         assert c * side <= x0 < x1 <= (c + 1) * side and r * side <= y0 < y1 <= (r + 1) * side, o
         cx, cy = o["centre"]
         assert abs((x0 + x1) / 2 - cx) < 0.02 and abs((y0 + y1) / 2 - cy) < 0.02
-        rgb = W.COLOURS[o["colour"]]
+        rgb = V.COLOURS[o["colour"]]
         if o["shape"] == "ring":  # hollow: probe the band, left and right of the centre
-            rad = (x1 - x0) / 2 * (W.RING_INNER + W.ROUND_RADIUS) / 2
+            rad = (x1 - x0) / 2 * (rendering.RING_INNER + rendering.ROUND_RADIUS) / 2
             probes = [(cx - rad, cy), (cx + rad, cy)]
             tol = 60 if o["size"] == "large" and size >= 48 else None
         else:
@@ -404,11 +408,11 @@ def _check_render(img: np.ndarray, scene: dict, size: int) -> None:
             if tol is not None:
                 assert _near(pix, rgb, tol), (o, pix)
             # the object's colour is always the nearest palette colour at its probe
-            assert np.argmin(np.abs(colours - pix.astype(int)).max(axis=1)) == W.COLOUR_NAMES.index(o["colour"]), (o, pix)
+            assert np.argmin(np.abs(colours - pix.astype(int)).max(axis=1)) == V.COLOUR_NAMES.index(o["colour"]), (o, pix)
         inside[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
         assert _near(img[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))], rgb, 12).sum() >= 3
     # nothing object-coloured outside the objects' boxes (the background is grey)
-    for rgb in W.COLOURS.values():
+    for rgb in V.COLOURS.values():
         assert not (_near(img, rgb, 30) & ~inside).any()
 
 
@@ -424,24 +428,24 @@ def test_render_truth_default_size_all_shapes():
     cfg = W.WorldConfig()
     rng = np.random.default_rng(7)
     for i in range(400):
-        shape = W.SHAPES[i % len(W.SHAPES)]
-        scene = W.make_scene(rng, cfg, [{"shape": shape}, {}, {}])
-        img = np.asarray(W.render_scene(scene, cfg.image_size, "normal", np.random.default_rng(i)))
+        shape = V.SHAPES[i % len(V.SHAPES)]
+        scene = scene_gen.make_scene(rng, cfg.image_size, [{"shape": shape}, {}, {}])
+        img = np.asarray(rendering.render_scene(scene, cfg.image_size, "normal", np.random.default_rng(i)))
         _check_render(img, scene, cfg.image_size)
 
 
 def test_styles():
     cfg = W.WorldConfig()
-    scene = W.make_scene(np.random.default_rng(0), cfg, [{"colour": "red", "shape": "square", "size": "large"}])
-    imgs = {s: np.asarray(W.render_scene(scene, 48, s, np.random.default_rng(1))) for s in W.STYLES}
+    scene = scene_gen.make_scene(np.random.default_rng(0), cfg.image_size, [{"colour": "red", "shape": "square", "size": "large"}])
+    imgs = {s: np.asarray(rendering.render_scene(scene, 48, s, np.random.default_rng(1))) for s in V.STYLES}
     sk = imgs["sketch"]
     assert set(np.unique(sk[..., 0] == sk[..., 1])) == {True} and (sk == 255).mean() > 0.8  # grey lines on white
     assert all(not np.array_equal(imgs["normal"], imgs[s]) for s in ("sketch", "noise", "palette"))
-    a = W.render_scene(scene, 48, "palette", np.random.default_rng(5))
-    b = W.render_scene(scene, 48, "palette", np.random.default_rng(5))
+    a = rendering.render_scene(scene, 48, "palette", np.random.default_rng(5))
+    b = rendering.render_scene(scene, 48, "palette", np.random.default_rng(5))
     assert a.tobytes() == b.tobytes()
     with pytest.raises(ValueError):
-        W.render_scene(scene, 48, "oil-painting")
+        rendering.render_scene(scene, 48, "oil-painting")
 
 
 def test_web_noise_fractions(built):
@@ -479,7 +483,7 @@ def test_web_styles(built, web_palette, tmp_path):
             assert noise == "clean"
             cap = r["captions"][0]
             # a sketch says so; a recoloured image's caption opens like any web caption ("a drawing of" included)
-            assert cap.startswith(W.SKETCH_PREFIXES) if style == "sketch" else not cap.startswith(("a sketch", "a line")), cap
+            assert cap.startswith(V.SKETCH_PREFIXES) if style == "sketch" else not cap.startswith(("a sketch", "a line")), cap
             assert not {c for c, _ in tokenize(cap)} & {"colour", "size", "bg"}, cap
             assert caption_true(cap, r["meta"], complete=True), (cap, r["meta"])
     sketches = [r for r in _records(built, "synthetic-web") if r.meta["meta"].get("style") == "sketch"]
@@ -493,7 +497,7 @@ def test_web_styles(built, web_palette, tmp_path):
     for i in recoloured[:3]:  # rendered by the world builder's worker, as the world builds them
         (written,) = W._build_chunk((cfg.to_dict(), spec, i, i + 1, str(tmp_path)))
         rendered = np.asarray(Image.open(tmp_path / written["image"]).convert("RGB"), dtype=np.float32)
-        normal = np.asarray(W.render_scene(written["meta"], cfg.image_size, "normal"), dtype=np.float32)
+        normal = np.asarray(rendering.render_scene(written["meta"], cfg.image_size, "normal"), dtype=np.float32)
         # the palette shift (hue rotation, contrast, tint) moves the image well away from its normal rendering
         assert np.abs(rendered - normal).mean() > 10
 
@@ -503,22 +507,22 @@ def full_and_partial_captions(seed: int, scenes: int):
     cfg = W.WorldConfig()
     rng = np.random.default_rng(seed)
     for _ in range(scenes):
-        scene = W.generate_scene(rng, cfg)
-        for cap in (W.describe(scene, rng, "full"), W.describe(scene, rng, "partial")):
+        scene = scene_gen.generate_scene(rng, cfg.image_size)
+        for cap in (captions.describe(scene, rng, "full"), captions.describe(scene, rng, "partial")):
             yield scene, cap
 
 
 def test_relation_swapped_makes_a_false_caption():
-    assert W.relation_swapped("a red circle to the left of a blue star") == "a red circle to the right of a blue star"
-    assert W.relation_swapped("a star beneath a ring, and a box in the top left.") == "a star above a ring, and a box in the top left."
-    assert W.relation_swapped("a red star in the top left") is None  # a position, not a relation
+    assert captions.relation_swapped("a red circle to the left of a blue star") == "a red circle to the right of a blue star"
+    assert captions.relation_swapped("a star beneath a ring, and a box in the top left.") == "a star above a ring, and a box in the top left."
+    assert captions.relation_swapped("a red star in the top left") is None  # a position, not a relation
     cfg = W.WorldConfig()
     rng = np.random.default_rng(5)
     swapped, still_true = 0, []
     for _ in range(1500):
-        scene = W.generate_scene(rng, cfg)
-        for cap in (W.describe(scene, rng, "full"), W.describe(scene, rng, "partial")):
-            neg = W.relation_swapped(cap)
+        scene = scene_gen.generate_scene(rng, cfg.image_size)
+        for cap in (captions.describe(scene, rng, "full"), captions.describe(scene, rng, "partial")):
+            neg = captions.relation_swapped(cap)
             if neg is not None:
                 swapped += 1
                 assert caption_true(cap, scene), (cap, scene)
@@ -529,21 +533,21 @@ def test_relation_swapped_makes_a_false_caption():
 
 
 def test_relation_objects_swapped_makes_a_false_caption():
-    assert (W.relation_objects_swapped("a violet ring left of an orange disc on a gradient background")
+    assert (captions.relation_objects_swapped("a violet ring left of an orange disc on a gradient background")
             == "an orange disc left of a violet ring on a gradient background")
-    assert (W.relation_objects_swapped("a picture of a star beneath a ring, and a box in the top left.")
+    assert (captions.relation_objects_swapped("a picture of a star beneath a ring, and a box in the top left.")
             == "a picture of a ring beneath a star, and a box in the top left.")
-    assert (W.relation_objects_swapped("a tiny green diamond to the left of a green star.")
+    assert (captions.relation_objects_swapped("a tiny green diamond to the left of a green star.")
             == "a green star to the left of a tiny green diamond.")
-    assert W.relation_objects_swapped("a red star in the top left") is None
+    assert captions.relation_objects_swapped("a red star in the top left") is None
     cfg = W.WorldConfig()
     rng = np.random.default_rng(5)
     relations, swapped, still_true = 0, 0, []
     for _ in range(1500):
-        scene = W.generate_scene(rng, cfg)
-        for cap in (W.describe(scene, rng, "full"), W.describe(scene, rng, "partial")):
-            relations += W.relation_swapped(cap) is not None
-            neg = W.relation_objects_swapped(cap)
+        scene = scene_gen.generate_scene(rng, cfg.image_size)
+        for cap in (captions.describe(scene, rng, "full"), captions.describe(scene, rng, "partial")):
+            relations += captions.relation_swapped(cap) is not None
+            neg = captions.relation_objects_swapped(cap)
             if neg is not None:
                 swapped += 1
                 assert sorted(neg.replace(",", "").replace(".", "").split()) == sorted(cap.replace(",", "").replace(".", "").split())
@@ -559,23 +563,23 @@ def test_relation_axis_swapped_is_false_for_every_pair_the_phrases_can_name():
     column = [{"cell": [0, 1]}, {"cell": [2, 1]}]
     ring = {"cell": [0, 0], "colour": "purple", "shape": "ring"}
     disc = {"cell": [2, 2], "colour": "orange", "shape": "circle"}
-    assert W.relation_axis_swapped("a violet ring left of an orange disc.", row) == "a violet ring above an orange disc."
-    assert (W.relation_axis_swapped("a picture of a star beneath a ring on a dotted background", column)
+    assert captions.relation_axis_swapped("a violet ring left of an orange disc.", row) == "a violet ring above an orange disc."
+    assert (captions.relation_axis_swapped("a picture of a star beneath a ring on a dotted background", column)
             == "a picture of a star right of a ring on a dotted background")
     # a diagonal pair: the ring is above the disc, so the false cross-axis relation is "below"
-    assert W.relation_axis_swapped("a violet ring left of an orange disc", [ring, disc]) == "a violet ring below an orange disc"
+    assert captions.relation_axis_swapped("a violet ring left of an orange disc", [ring, disc]) == "a violet ring below an orange disc"
     # ... but phrases that cannot tell the objects apart would make it true of the pair read the other way round
-    assert W.relation_axis_swapped("a violet ring left of an orange disc", [{"cell": [0, 0]}, {"cell": [2, 2]}]) is None
+    assert captions.relation_axis_swapped("a violet ring left of an orange disc", [{"cell": [0, 0]}, {"cell": [2, 2]}]) is None
     # a second star left of the ring makes "a star left of a ring" true, whichever star the caption meant
     stars = [{"cell": [0, 1], "shape": "star"}, {"cell": [1, 0], "shape": "star"}, {"cell": [1, 1], "shape": "ring"}]
-    assert W.relation_axis_swapped("a star above a ring", stars) == "a star right of a ring"
-    assert W.relation_axis_swapped("a star above a ring", stars + [{"cell": [1, 2], "shape": "star"}]) is None
-    assert W.relation_axis_swapped("a violet ring left of an orange disc", [disc, dict(disc, cell=[0, 2])]) is None  # no ring
-    assert W.relation_axis_swapped("a red star in the top left", row) is None
+    assert captions.relation_axis_swapped("a star above a ring", stars) == "a star right of a ring"
+    assert captions.relation_axis_swapped("a star above a ring", stars + [{"cell": [1, 2], "shape": "star"}]) is None
+    assert captions.relation_axis_swapped("a violet ring left of an orange disc", [disc, dict(disc, cell=[0, 2])]) is None  # no ring
+    assert captions.relation_axis_swapped("a red star in the top left", row) is None
     relations, negatives, wrong = 0, 0, []
     for scene, cap in full_and_partial_captions(seed=7, scenes=3000):
-        relations += W.relation_objects_swapped(cap) is not None
-        neg = W.relation_axis_swapped(cap, scene["objects"])
+        relations += captions.relation_objects_swapped(cap) is not None
+        neg = captions.relation_axis_swapped(cap, scene["objects"])
         if neg is not None:
             negatives += 1
             if caption_true(neg, scene):
@@ -600,7 +604,7 @@ def test_web_tint(tmp_path):
             assert "grey" not in a["captions"][0]
             assert caption_true(a["captions"][0], a["meta"]), a
             renamed += a["captions"] != b["captions"]
-            b["captions"] = [W._untinted_words_removed(b["captions"][0])]
+            b["captions"] = [captions.untinted_words_removed(b["captions"][0])]
         assert a == b  # same id, caption and scene
         if a["meta"].get("style", "normal") != "sketch":
             eligible += 1
@@ -617,11 +621,11 @@ def test_web_tint(tmp_path):
     (written,) = W._build_chunk((tinted_cfg.to_dict(), spec, i, i + 1, str(tmp_path)))
     img = np.asarray(Image.open(tmp_path / written["image"]).convert("RGB"), dtype=np.float32)
     scene = {k: v for k, v in written["meta"].items() if k not in ("tint", "contrast")}
-    untinted = np.asarray(W.render_scene(scene, tinted_cfg.image_size, "normal", W._rngs(tinted_cfg, spec, i)[1]),
+    untinted = np.asarray(rendering.render_scene(scene, tinted_cfg.image_size, "normal", W._rngs(tinted_cfg, spec, i)[1]),
                           dtype=np.float32)
     inside = np.zeros(img.shape[:2], bool)  # pixels that are wholly one object's colour
     for obj in scene["objects"]:
-        inside |= (untinted == np.asarray(W.COLOURS[obj["colour"]], np.float32)).all(axis=2)
+        inside |= (untinted == np.asarray(V.COLOURS[obj["colour"]], np.float32)).all(axis=2)
     # an object's pixels only lose contrast (same hue); the background also takes the tint's colour
     washed = 128.0 + (untinted - 128.0) * written["meta"]["contrast"]
     assert inside.any() and np.abs(img[inside] - washed[inside]).max() <= 0.5
@@ -657,7 +661,7 @@ def test_web_captions_mention_task_attributes(built):
 def test_world_json_and_presets(built):
     info = json.loads((built.root / "world.json").read_text())
     assert info["version"] == W.WORLD_VERSION and info["config"] == MICRO.to_dict()
-    assert built.root.name == W.stable_hash({"version": W.WORLD_VERSION, "config": MICRO.key_dict()})
+    assert built.root.name == stable_hash({"version": W.WORLD_VERSION, "config": MICRO.key_dict()})
     assert W.WorldConfig.preset("default") == W.WorldConfig()
     with pytest.raises(KeyError):
         W.WorldConfig.preset("huge")

@@ -22,7 +22,7 @@ Decisions (also in data_manifests/README.md):
 * Selection: records sorted by score (descending, ties by input order); ``keep_fraction`` keeps
   ``keep_fraction * n_scored`` of them (rounded half up), ``threshold`` those with score >= threshold; with both,
   records must pass both. The output keeps the input order.
-* Output: for file-based inputs a ``jsonl`` manifest (via ``data.write_manifest``) whose records
+* Output: for file-based inputs a ``jsonl`` manifest (via ``manifest.write_manifest``) whose records
   point at the original images by absolute path. For ``webdataset`` inputs the kept samples (all
   their members: image, txt, json) are copied into new tar shards ``<out stem>-shards/00000.tar``...
   beside the output manifest, written as a ``webdataset`` manifest: streaming at scale needs shards,
@@ -39,15 +39,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .manifest import CaptionRecord, Manifest, ManifestError, get_reader, load_manifest, write_manifest
-from .formats import (
-    iter_tar_samples,
-    manifest_shards,
-    open_image,
-    write_tar_shards,
-)
+from .images import load_image
+from .manifest import LOCATOR_SEP, CaptionRecord, Manifest, ManifestError, get_reader, load_manifest, write_manifest
+from .webdataset import iter_tar_samples, manifest_shards, write_tar_shards
 
-SCORES_VERSION = 1
+SCORES_VERSION = 1  # bump when the scores file's lines change meaning: a rerun then refuses the old file
 
 
 def scores_path(out_path: str | os.PathLike) -> Path:
@@ -92,16 +88,16 @@ class _ScoreWriter:
     def __init__(self, path: Path, header: dict, fresh: bool):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "ab")
+        self.pending: list[bytes] = []
         if fresh:
             self.f.write((json.dumps({"_header": header}) + "\n").encode("utf-8"))
             self.flush()
-        self.pending: list[bytes] = []
 
     def add(self, entry: dict) -> None:
         self.pending.append((json.dumps(entry) + "\n").encode("utf-8"))
 
     def flush(self) -> None:
-        if getattr(self, "pending", None):
+        if self.pending:
             self.f.write(b"".join(self.pending))
             self.pending = []
         self.f.flush()
@@ -125,7 +121,7 @@ def _batches(records: Iterator[CaptionRecord], size: int) -> Iterator[list[Capti
 
 def _load(rec: CaptionRecord, preprocess: Callable):
     try:
-        return preprocess(open_image(rec.image)), None
+        return preprocess(load_image(rec.image)), None
     except ManifestError as e:
         return None, str(e)
     except Exception as e:  # a preprocess failure on an odd image: treat as unreadable
@@ -159,10 +155,11 @@ def clip_score_filter(manifest_path: str | os.PathLike, out_path: str | os.PathL
                       workers: int = 4, samples_per_shard: int = 10000) -> Path:
     """Score every pair of a caption manifest with CLIP and write the kept records as a new manifest.
 
-    ``model``: an open_clip architecture name (loaded with ``models.load_model(model, pretrained)``) or
-    an already loaded ``LoadedModel``. Give ``keep_fraction`` (0 < f <= 1) and/or ``threshold``.
-    Returns the path of the written manifest YAML (``out_path``). See the module docstring for the
-    decisions on multi-caption records, resumption, unreadable images and WebDataset output.
+    ``model``: an open_clip architecture name (loaded with
+    ``models.loading.load_model(model, pretrained)``) or an already loaded ``LoadedModel``. Give
+    ``keep_fraction`` (0 < f <= 1) and/or ``threshold``. Returns the path of the written manifest YAML
+    (``out_path``). See the module docstring for the decisions on multi-caption records, resumption,
+    unreadable images and WebDataset output.
     """
     if keep_fraction is None and threshold is None:
         raise ValueError("give keep_fraction (e.g. 0.3 keeps the best 30%) or threshold (e.g. 0.28), or both")
@@ -249,7 +246,7 @@ def clip_score_filter(manifest_path: str | os.PathLike, out_path: str | os.PathL
     for rec in reader(manifest):
         if rec.id in keep:
             e = scores[rec.id]
-            records.append({"id": rec.id, "image": os.path.abspath(rec.image) if "::" not in rec.image else rec.image,
+            records.append({"id": rec.id, "image": os.path.abspath(rec.image) if LOCATOR_SEP not in rec.image else rec.image,
                             "captions": list(rec.captions), "clip_score": e["score"],
                             "clip_scores": e.get("caption_scores")})
     return write_manifest(out_path, name=f"{manifest.name}-clipscore", kind="captions", records=records, root=".",

@@ -1,4 +1,4 @@
-"""Data manifests and datasets: one format for the embedded world and for real data.
+"""Data manifests and records: one format for the embedded world and for real data.
 
 A *manifest* is a small YAML file that says what a data set is and where its files are::
 
@@ -19,9 +19,11 @@ overrides). The ``jsonl`` format has one JSON object a line:
 ``{"id": "000001", "image": "000001.png", "label": 3}`` for classification; other keys (such as the
 synthetic world's scene metadata under ``"meta"``) are kept in ``record.meta``.
 
-Other formats (COCO JSON, Karpathy JSON, CSV, WebDataset shards, image folders) register a reader
-with :func:`register_reader`; every reader yields the same :class:`CaptionRecord` or
-:class:`ClassificationRecord`, so training and evaluation never see the on-disk format.
+Other formats (COCO JSON, Karpathy JSON, CSV, WebDataset shards, image folders; see
+:mod:`clip_refine_lab.data.formats`) register a reader with :func:`register_reader`; every reader yields
+the same :class:`CaptionRecord` or :class:`ClassificationRecord`, so training and evaluation never see
+the on-disk format. Images are opened with :func:`clip_refine_lab.data.images.load_image`; the
+torch datasets over records are in :mod:`clip_refine_lab.data.datasets`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..utils import atomic_write
 
 DATA_ROOT_ENV = "CLIP_REFINE_LAB_DATA"
 KINDS = ("captions", "classification")
+LOCATOR_SEP = "::"  # a record image "shard.tar::member" names a member of a tar shard
 
 
 class ManifestError(ValueError):
@@ -49,7 +52,7 @@ class ManifestError(ValueError):
 @dataclass(frozen=True)
 class CaptionRecord:
     id: str
-    image: str  # absolute path (or a reader-specific locator such as "shard.tar::key")
+    image: str  # absolute path, or a "shard.tar::member" locator (LOCATOR_SEP)
     captions: tuple[str, ...]
     source: str = ""  # "file:line" of the record, for error messages
     meta: dict = field(default_factory=dict, compare=False, hash=False)
@@ -117,16 +120,16 @@ def register_reader(fmt: str):
 
 
 def get_reader(fmt: str):
-    if fmt not in READERS:
-        # Readers of real-data formats live in their own module; import registers them.
-        from . import formats  # noqa: F401
+    """The reader of ``format: fmt``. The real-data readers register when the package is imported
+    (``clip_refine_lab/data/__init__.py``), so every format is known by the time a manifest is read."""
     if fmt not in READERS:
         raise ManifestError(f"unknown manifest format '{fmt}'; known formats: {', '.join(sorted(READERS))}")
     return READERS[fmt]
 
 
 @register_reader("jsonl")
-def read_jsonl(manifest: Manifest) -> Iterable[Record]:
+def read_jsonl_records(manifest: Manifest) -> Iterable[Record]:
+    """One JSON object a line (see the module docstring); errors name the file and line."""
     path = manifest.records_path
     if path is None or not path.is_file():
         raise ManifestError(f"{manifest.path}: field 'records': file not found: {path}")
@@ -150,7 +153,7 @@ def record_from_dict(obj: dict, kind: str, root: Path, where: str) -> Record:
         if key not in obj:
             raise ManifestError(f"{where}: missing field '{key}'")
     image = str(obj["image"])
-    image = image if os.path.isabs(image) or "::" in image else str(root / image)
+    image = image if os.path.isabs(image) or LOCATOR_SEP in image else str(root / image)
     meta = {k: v for k, v in obj.items() if k not in ("id", "image", "captions", "caption", "label")}
     if kind == "captions":
         caps = obj.get("captions", obj.get("caption"))
@@ -258,85 +261,7 @@ def write_manifest(
     return path
 
 
-# ------------------------------------------------------------------------------------------ images
-def load_image(path: str):
-    """Open an image as RGB; a missing or corrupt file raises ManifestError naming it.
-
-    ``path`` may also be a WebDataset locator ``"shard.tar::member"``.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if "::" in str(path):
-        from .formats import open_image
-
-        return open_image(path)
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise ManifestError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ManifestError(f"cannot read image {path}: {e}") from None
-
-
-# ---------------------------------------------------------------------------------------- datasets
-class CaptionPairs:
-    """Map-style dataset of (image tensor, caption tokens, index) for training.
-
-    Each item uses one caption of its image, drawn deterministically from (seed, epoch, index) so
-    that a resumed run sees exactly the captions an uninterrupted run would (the paper uses one
-    random caption per image per step). Index with ``(index, epoch)`` — what the trainer's sampler
-    yields, so DataLoader workers need no shared state — or with a plain index after :meth:`set_epoch`.
-    """
-
-    def __init__(self, records: Sequence[CaptionRecord], preprocess, tokenizer, seed: int = 0,
-                 image_cache: "Any | None" = None):
-        self.records = list(records)
-        self.preprocess = preprocess
-        self.tokenizer = tokenizer
-        self.seed = seed
-        self.epoch = 0
-        self.image_cache = image_cache  # optional: indexable of preprocessed image tensors
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def caption_index(self, index: int, epoch: int | None = None) -> int:
-        n = len(self.records[index].captions)
-        if n == 1:
-            return 0
-        return int(np.random.default_rng((self.seed, self.epoch if epoch is None else epoch, index)).integers(n))
-
-    def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, None)
-        rec = self.records[index]
-        if self.image_cache is not None:
-            image = self.image_cache[index]
-        else:
-            image = self.preprocess(load_image(rec.image))
-        caption = rec.captions[self.caption_index(index, epoch)]
-        tokens = self.tokenizer([caption])[0]
-        return image, tokens, index
-
-
-class Images:
-    """Map-style dataset of (preprocessed image, index) for feature extraction."""
-
-    def __init__(self, records: Sequence[Record], preprocess):
-        self.records = list(records)
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int):
-        return self.preprocess(load_image(self.records[index].image)), index
-
-
+# ---------------------------------------------------------------------------------------- captions
 def flatten_captions(records: Sequence[CaptionRecord]) -> tuple[list[str], np.ndarray]:
     """All captions in record order and, for each, the index of its image (for retrieval)."""
     texts: list[str] = []

@@ -31,7 +31,7 @@ class RefineForm(W.VBox):
     """Method, alpha, prior, lr, epochs, run name and a Run button.
 
     ``config``: the run options the form starts from (and keeps for every field it does not show).
-    ``run(cfg, callback=...) -> run_dir`` does the work (default: :func:`clip_refine_lab.train.refine`).
+    ``run(cfg, callback=...) -> run_dir`` does the work (default: :func:`clip_refine_lab.training.loop.refine`).
     """
 
     def __init__(self, config: RunConfig, *, run: Callable | None = None, live_plot: bool = True,
@@ -75,7 +75,7 @@ class RefineForm(W.VBox):
         return cfg.validate()
 
     def _on_click(self, _button=None) -> None:
-        from ..plots import LivePlot
+        from .live import LivePlot
 
         try:
             cfg = self.current_config()
