@@ -175,8 +175,9 @@ def supervised_learnability(arch: str, world, steps: int, recipe, device: str) -
 
     from clip_refine_lab.data.manifest import load_manifest
     from clip_refine_lab.features import decode_images, normalize_uint8
-    from clip_refine_lab.models.loading import load_model
     from clip_refine_lab.embedded.vocabulary import CELLS, SHAPES
+    from clip_refine_lab.models.loading import load_model
+    from clip_refine_lab.optim import set_lr
 
     torch.manual_seed(recipe.seed)
     records = [r for r in load_manifest(world.manifest("synthetic-web")).records()
@@ -195,8 +196,7 @@ def supervised_learnability(arch: str, world, steps: int, recipe, device: str) -
     tower.train()
     for step in range(steps):
         idx = torch.randint(len(records), (min(recipe.batch_size, len(records)),), generator=gen)
-        for g in opt.param_groups:  # pretrain_base's schedule
-            g["lr"] = recipe.lr_at(step, steps)
+        set_lr(opt, recipe.lr_at(step, steps))  # pretrain_base's schedule
         out = head(tower(normalize_uint8(images[idx], mean, std).to(device)))
         loss = (torch.nn.functional.cross_entropy(out[:, :len(SHAPES)], shape_y[idx].to(device))
                 + torch.nn.functional.cross_entropy(out[:, len(SHAPES):], cell_y[idx].to(device)))
@@ -229,15 +229,16 @@ def main(argv: list[str] | None = None) -> dict:
     setup_environment(args.cache, args.threads)
 
     from clip_refine_lab.config import PRESETS
-    from clip_refine_lab.models.loading import load_model
+    from clip_refine_lab.embedded.base import ensure_base, ensure_world
     from clip_refine_lab.embedded.pretrain import RECIPES
-    from clip_refine_lab.embedded.world import WorldConfig, build_world
+    from clip_refine_lab.models.loading import load_model
 
     preset = PRESETS[args.world]
     arch = args.arch or preset.model
     print(f"# base_diagnostics on {args.device}: {describe_machine(machine_info(args.device))}", flush=True)
-    world = build_world(WorldConfig.preset(preset.world), progress=False)
-    loaded = load_model(arch, args.pretrained, device=args.device, world_preset=args.world)
+    world = ensure_world(args.world, progress=False)
+    pretrained = str(ensure_base(arch, world_preset=args.world)) if args.pretrained == "embedded" else args.pretrained
+    loaded = load_model(arch, pretrained, device=args.device)
     loaded.model.eval()
     probes = [linear_probe(loaded, world, t, args.device) for t in PROBE_TASKS]
     print(f"\nlinear probe on {arch}'s image features (4-fold, %):")

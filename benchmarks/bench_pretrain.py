@@ -6,7 +6,7 @@ AdamW) in five forms, interleaved round by round on the same batches:
 
 - ``v2``: open_clip's ``nn.MultiheadAttention`` and ``encode_text`` over the full context (version 2);
 - ``sdpa``: the SDPA attention path only;
-- ``v3``: SDPA and :func:`clip_refine_lab.models.loading.encode_text_trimmed` (the text tower up to the batch's
+- ``v3``: SDPA and :func:`clip_refine_lab.models.speed.encode_text_trimmed` (the text tower up to the batch's
   longest caption), version 3;
 - ``v4``: as ``v3``, with the text rows sorted by length and encoded in ``pretrain.TEXT_BUCKETS`` chunks, each
   trimmed to its own longest caption, and each chunk looking up its own token embeddings (version 4);
@@ -48,7 +48,7 @@ def encode_text_chunked_v4(model, text, buckets: int):
     each chunk does its own token-embedding lookup (and its own dense embedding gradient)."""
     import torch
 
-    from clip_refine_lab.models.loading import encode_text_trimmed
+    from clip_refine_lab.models.speed import encode_text_trimmed
 
     lengths = (text != 0).cumsum(1).argmax(1)
     order = lengths.argsort(stable=True)
@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from clip_refine_lab.data.manifest import load_manifest
     from clip_refine_lab.features import decode_images, normalize_uint8
     from clip_refine_lab.losses import hard_negative_contrastive_loss
-    from clip_refine_lab.models.loading import encode_text_trimmed, load_model, use_sdpa_attention
+    from clip_refine_lab.models.loading import load_model
+    from clip_refine_lab.optim import build_adamw
+    from clip_refine_lab.models.speed import encode_text_trimmed, use_sdpa_attention
     from clip_refine_lab.embedded.pretrain import RECIPES, TEXT_BUCKETS
     from clip_refine_lab.embedded.captions import relation_objects_swapped
     from clip_refine_lab.embedded.world import WorldConfig, build_world
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = copy.deepcopy(loaded.model).train()
         if form != "v2":
             use_sdpa_attention(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        opt = build_adamw(model.named_parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6,
+                          exclude_gains=True, device=torch.device("cpu"))  # pretrain_base's optimiser
         encode = (type(model).encode_text if form in ("v2", "sdpa") else encode_text_trimmed if form == "v3"
                   else functools.partial(encode_text_chunked_v4, buckets=TEXT_BUCKETS) if form == "v4"
                   else functools.partial(encode_text_trimmed, buckets=TEXT_BUCKETS))

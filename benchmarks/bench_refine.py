@@ -7,7 +7,7 @@ and times its optimiser step exactly as ``Refiner.run`` takes it: ``zero_grad``,
 ``Refiner.compute_loss(..., train=True)`` (student forward, loss, backward; the teacher forward too
 when the teacher is not cached), the optimiser step (fused AdamW) and the logit-scale clamp.
 
-* Batches are loaded (``Refiner.batch_indices`` / ``Refiner.load_batch``) before timing: this
+* Batches are loaded (``MapSource.batch_indices`` / ``Refiner.load_batch``) before timing: this
   measures the step, not data loading (``bench_vs_peers.py`` times whole training loops, data
   included).
 * ``--teacher cache`` (default) hands the step the teacher features of its batch, computed before
@@ -175,8 +175,10 @@ def bench_method(arch: str, method: str, *, device: str, precision: str, batch_s
 
     from clip_refine_lab.config import RunConfig
     from clip_refine_lab.methods import get_method
+    from clip_refine_lab.embedded.base import ensure_world
     from clip_refine_lab.training.loop import Refiner
 
+    ensure_world(world, progress=False)  # the Refiner reads the built world's synthetic-coco split
     needs_teacher = get_method(method).needs_teacher
     cfg = RunConfig(method=method, model=arch, pretrained=None, preset=world, data="synthetic-coco",
                     batch_size=batch_size, epochs=1, device=device, precision=precision, val_fraction=0.0,
@@ -188,7 +190,7 @@ def bench_method(arch: str, method: str, *, device: str, precision: str, batch_s
     n_distinct = max(1, min(steps + warmup + 1, 4, refiner.steps_per_epoch))
     batches = []
     for k in range(n_distinct):
-        images, tokens = refiner.load_batch(refiner.train_set, refiner.batch_indices(0, k))
+        images, tokens = refiner.load_batch(refiner.source.train_set, refiner.source.batch_indices(0, k))
         teacher = None
         if needs_teacher and teacher_mode == "cache":
             with torch.no_grad():  # fp32, as the feature cache computes them

@@ -9,7 +9,7 @@ batch size, fp32 on CPU:
     Both caches are built before any timing, as a sweep would have them (the first run of a sweep
     builds them; every later run, and every later epoch, reads them).
 ``reference``
-    ``benchmarks/reference_loop.py``: the released code's loop as REFERENCE.md describes it (PIL
+    ``benchmarks/reference_loop.py``: the released code's loop as it is described (PIL
     decode + preprocess every step in a DataLoader, a teacher forward every step, per-parameter AdamW).
     Same loss functions as ours: identical work per step apart from what the caches remove.
 ``open_clip_train``
@@ -228,7 +228,8 @@ def prepare(args, workdir: Path) -> dict:
     import numpy as np
 
     from clip_refine_lab.data.manifest import CaptionRecord, load_manifest
-    from clip_refine_lab.models.loading import load_model, save_checkpoint
+    from clip_refine_lab.models.checkpoints import save_checkpoint
+    from clip_refine_lab.models.loading import load_model
     from clip_refine_lab.embedded.world import WorldConfig, build_world
 
     manifest = build_world(WorldConfig.preset(args.world), progress=False).manifest("synthetic-coco")

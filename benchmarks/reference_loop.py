@@ -1,8 +1,8 @@
-"""A plain post-pre-training loop as REFERENCE.md describes the authors' released code: the baseline of speed.
+"""A plain post-pre-training loop set up as the authors' released code is described: the baseline of speed.
 
-Written from REFERENCE.md ("Post-pre-training setting", "The released code, in facts") only; the
-authors' code is under an evaluation-only licence and was neither read nor copied. What it does
-each step, and what it deliberately does *not* do (each of which our trainer does):
+Written from the paper's post-pre-training setting and the published description of the released
+code only; that code is under an evaluation-only licence and is neither read nor copied here. What it
+does each step, and what it deliberately does *not* do (each of which our trainer does):
 
 * the images are opened with PIL, decoded and run through the model's eval preprocessing on every
   step, inside a ``torch.utils.data.DataLoader`` (shuffled, ``drop_last``); one random caption per

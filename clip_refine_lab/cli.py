@@ -59,7 +59,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_refine(args) -> int:
-    from .training.loop import init_distributed_from_env, refine
+    from .distributed import init_distributed_from_env
+    from .training.loop import refine
 
     init_distributed_from_env()
     cfg = config_from_args(args)
@@ -91,7 +92,8 @@ def cmd_world(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation.evaluate import evaluate_run, format_tables
+    from .evaluation.compare import format_tables
+    from .evaluation.evaluate import evaluate_run
 
     result = evaluate_run(args.run_dir, suite=args.suite, device=args.device, progress=not args.quiet,
                           data_root=args.data_root)
@@ -100,7 +102,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .evaluation.evaluate import compare, format_tables
+    from .evaluation.compare import compare, format_tables
 
     print(format_tables(compare(args.run_dirs)))
     return 0
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data.manifest import ManifestError
     from .models.loading import ModelNotAvailableError
-    from .training.loop import NonFiniteLossError
+    from .training.state import NonFiniteLossError
 
     try:
         return int(args.func(args) or 0)

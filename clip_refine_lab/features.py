@@ -24,7 +24,7 @@ import torch
 
 from .data.datasets import Images
 from .data.images import load_image
-from .data.manifest import CaptionRecord, Manifest, flatten_captions, load_manifest
+from .data.manifest import Manifest, flatten_captions, load_manifest
 from .models.loading import LoadedModel
 from .progress import progress_bar
 from .utils import atomic_path, cache_dir, stable_hash

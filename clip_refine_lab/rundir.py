@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from .config import RunConfig, preset_name
-from .models.loading import ModelSpec
+from .models.checkpoints import ModelSpec
 from .utils import atomic_write, read_jsonl
 
 OUTPUT_ROOT_ENV = "CLIP_REFINE_LAB_OUTPUT_ROOT"

@@ -9,7 +9,8 @@ import torch
 from clip_refine_lab import features
 from clip_refine_lab.cli import main
 from clip_refine_lab.config import RunConfig
-from clip_refine_lab.evaluation.evaluate import compare, evaluate_run, format_tables
+from clip_refine_lab.evaluation.compare import compare, format_tables
+from clip_refine_lab.evaluation.evaluate import evaluate_run
 from clip_refine_lab.rundir import latest_run
 from clip_refine_lab.models.loading import load_model
 from clip_refine_lab.training.loop import refine
@@ -132,7 +133,8 @@ def test_cli_refine_and_eval_end_to_end(capsys, tmp_path, micro_base):
 
 
 def test_suite_file_with_linear_probe(tmp_path, micro_world, micro_base):
-    from clip_refine_lab.evaluation.evaluate import evaluate_model, load_suite
+    from clip_refine_lab.evaluation.evaluate import evaluate_model
+    from clip_refine_lab.evaluation.suites import load_suite
 
     suite_file = tmp_path / "suite.yaml"
     suite_file.write_text("zero_shot: [colour]\nretrieval: []\ngeometry: [synthetic-retrieval]\n"
@@ -152,7 +154,7 @@ def test_suite_file_with_linear_probe(tmp_path, micro_world, micro_base):
 def test_shipped_suites_resolve(tmp_path):
     from pathlib import Path
 
-    from clip_refine_lab.evaluation.evaluate import load_suite
+    from clip_refine_lab.evaluation.suites import load_suite
 
     for path in sorted((Path(__file__).resolve().parents[1] / "data_manifests" / "suites").glob("*.yaml")):
         suite = load_suite(path)

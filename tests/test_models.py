@@ -4,8 +4,8 @@ import open_clip
 import pytest
 import torch
 
-from clip_refine_lab.models.loading import (ModelNotAvailableError, ModelSpec, load_model, read_checkpoint_meta,
-                                    save_checkpoint, tiny_architectures)
+from clip_refine_lab.models.checkpoints import ModelSpec, read_checkpoint_meta, save_checkpoint
+from clip_refine_lab.models.loading import ModelNotAvailableError, load_model, tiny_architectures
 
 
 def test_tiny_architectures_are_open_clip_models():
@@ -76,7 +76,7 @@ def test_architecture_mismatch_is_refused(tmp_path):
 def test_sdpa_attention_matches_open_clip_outputs_and_gradients(arch):
     import copy
 
-    from clip_refine_lab.models.loading import use_sdpa_attention
+    from clip_refine_lab.models.speed import use_sdpa_attention
 
     torch.manual_seed(0)
     native = load_model(arch).model.train()
@@ -110,7 +110,7 @@ def test_sdpa_attention_matches_open_clip_outputs_and_gradients(arch):
 
 
 def test_channels_last_only_for_convolutional_towers():
-    from clip_refine_lab.models.loading import use_channels_last
+    from clip_refine_lab.models.speed import use_channels_last
 
     assert use_channels_last(load_model("micro-vit-32").model) is False
     rn = load_model("tiny-rn-48").model
@@ -125,7 +125,7 @@ def test_trimmed_text_encoding_matches_encode_text_and_its_gradients(sdpa):
     open_clip's encode_text over the full context (causal mask, pooling at the end-of-text token)."""
     import copy
 
-    from clip_refine_lab.models.loading import encode_text_trimmed, use_sdpa_attention
+    from clip_refine_lab.models.speed import encode_text_trimmed, use_sdpa_attention
 
     torch.manual_seed(0)
     model = load_model("micro-vit-32").model.train()
@@ -154,7 +154,7 @@ def test_length_bucketed_text_encoding_keeps_rows_in_order_with_the_same_feature
     and the gradients must be those of encode_text, and row i of the output must be caption i's."""
     import copy
 
-    from clip_refine_lab.models.loading import encode_text_trimmed, use_sdpa_attention
+    from clip_refine_lab.models.speed import encode_text_trimmed, use_sdpa_attention
 
     torch.manual_seed(0)
     model = load_model("micro-vit-32").model.train()
@@ -180,3 +180,10 @@ def test_length_bucketed_text_encoding_keeps_rows_in_order_with_the_same_feature
     for k, p in twin.named_parameters():
         if k in grads:
             assert (p.grad - grads[k]).abs().max().item() <= 1e-5 * largest, k
+
+
+def test_the_embedded_tag_is_refused_with_the_way_to_resolve_it():
+    # load_model never pre-trains: the caller resolves the tag (clip_refine_lab.embedded.base) first
+    with pytest.raises(ModelNotAvailableError, match="resolve_pretrained.*ensure_base"):
+        load_model("micro-vit-32", "embedded")
+

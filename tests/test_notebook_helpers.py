@@ -302,7 +302,7 @@ def test_examples_from_a_run(quick):
     assert ret.name == "synthetic-retrieval.yaml"
     assert runs.dataset_for(run, None, "zero_shot").name == "shape.yaml"  # the suite's order
     assert runs.dataset_for(run, "colour", "zero_shot").name == "colour.yaml"
-    with pytest.raises(ValueError, match="not a split of the embedded world"):
+    with pytest.raises(ValueError, match="nor a split of the embedded world.*as the dataset parameter"):
         runs.dataset_for(run, "imagenet", "zero_shot")
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         runs.dataset_for(run, "nowhere/x.yaml", "zero_shot")
@@ -416,3 +416,16 @@ def test_leakage_summary_reads_each_runs_metrics(tmp_path):
     text = leakage_summary([done, pending]).splitlines()
     assert text == ["done: coco-karpathy-test: 5000 of 5000 images also in training (by id)",
                     "pending: not evaluated yet"]
+
+
+def test_widgets_show_only_where_they_render(monkeypatch, capsys):
+    import ipywidgets
+
+    from clip_refine_lab.progress import PROGRESS_ENV
+    from clip_refine_lab.ui.widgets import show_widget
+
+    monkeypatch.setenv(PROGRESS_ENV, "text")  # papermill / nbval: one line, no frozen widget in the output
+    assert not show_widget(ipywidgets.Button(), "the form")
+    assert capsys.readouterr().out == "(the form: interactive in JupyterLab)\n"
+    monkeypatch.setenv(PROGRESS_ENV, "widgets")
+    assert show_widget(ipywidgets.Button(), "the form")

@@ -35,7 +35,7 @@ def test_second_call_loads_instead_of_training(micro_base, monkeypatch):
         raise AssertionError("pretrain_base trained again although the base is cached")
 
     monkeypatch.setattr("clip_refine_lab.models.loading.load_model", must_not_train)
-    monkeypatch.setattr("clip_refine_lab.embedded.world.build_world", must_not_train)
+    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.build_world", must_not_train)
     assert pretrain_base(world_preset="micro", progress=False) == micro_base
 
 

@@ -7,8 +7,9 @@ import json
 import torch
 
 from clip_refine_lab.config import RunConfig
-from clip_refine_lab.evaluation.evaluate import evaluate_run, format_tables
-from clip_refine_lab.models.loading import load_model, save_checkpoint
+from clip_refine_lab.evaluation.compare import format_tables
+from clip_refine_lab.evaluation.evaluate import evaluate_run
+from clip_refine_lab.models.loading import load_model
 from clip_refine_lab.training.loop import refine
 from clip_refine_lab.rundir import read_log
 from conftest_data import coco_name, make_coco, make_imagefolder, make_karpathy, write_manifest_yaml

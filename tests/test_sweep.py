@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from clip_refine_lab import sweep as sw
-from clip_refine_lab.sweep.spec import _data_ref, scene_matches, spec_for_saving
+from clip_refine_lab.sweep.runner import scene_matches
+from clip_refine_lab.sweep.spec import _data_ref, spec_for_saving
 from clip_refine_lab.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -431,6 +432,18 @@ def test_dry_run_plan(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "main" in out and "total" in out and "est. min" in out
     assert not (tmp_path / "q").exists()  # a dry run writes nothing
+
+
+def test_module_entry_point(tmp_path, capsys):
+    """``python -m clip_refine_lab.sweep`` takes the CLI's arguments; a bad spec is one error line, exit 2."""
+    from clip_refine_lab.sweep.cli import main
+
+    assert main([str(ROOT / "sweeps" / "quick.yaml"), "--output-dir", str(tmp_path / "q"), "--dry-run"]) == 0
+    assert "est. min" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("blocks:\n  x:\n    grid: {alpah: [1]}\n")
+    assert main([str(bad), "--dry-run"]) == 2
+    assert "did you mean 'alpha'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ end to end (micro)

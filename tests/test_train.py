@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from clip_refine_lab.config import ConfigError, RunConfig
 from clip_refine_lab.methods import METHODS
-from clip_refine_lab.training.loop import NonFiniteLossError, Refiner, refine
+from clip_refine_lab.training.loop import Refiner, refine
+from clip_refine_lab.training.state import NonFiniteLossError
 from clip_refine_lab.rundir import read_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def _grads(refiner: Refiner, images, tokens):
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, micro_base, method):
     one = Refiner(micro_config(tmp_path, method=method, batch_size=64, accum_steps=1).resolved(), progress=False)
     four = Refiner(micro_config(tmp_path, method=method, batch_size=64, accum_steps=4).resolved(), progress=False)
-    images, tokens = one.load_batch(one.train_set, one.batch_indices(0, 0))
+    images, tokens = one.load_batch(one.source.train_set, one.source.batch_indices(0, 0))
     g1, g4 = _grads(one, images, tokens), _grads(four, images, tokens)
     assert g1.keys() == g4.keys() and g1
     for name in g1:
@@ -83,12 +84,13 @@ def test_distributed_two_gloo_processes_match_single_process(tmp_path, micro_bas
     script.write_text(textwrap.dedent(f"""
         import os, torch
         from clip_refine_lab.config import RunConfig
-        from clip_refine_lab.training.loop import Refiner, init_distributed_from_env
+        from clip_refine_lab.distributed import init_distributed_from_env
+        from clip_refine_lab.training.loop import Refiner
         init_distributed_from_env()
         cfg = RunConfig(preset="micro", method=os.environ["METHOD"], output_dir={str(tmp_path / 'runs')!r},
                         run_name="ddp", batch_size=32, epochs=1).resolved()
         r = Refiner(cfg, progress=False)
-        images, tokens = r.load_batch(r.train_set, r.batch_indices(0, 0))
+        images, tokens = r.load_batch(r.source.train_set, r.source.batch_indices(0, 0))
         terms = r.compute_loss(images, tokens, step=0, train=True)
         r.all_reduce_gradients()
         grads = {{n: p.grad for n, p in r.model.named_parameters() if p.grad is not None}}
@@ -99,7 +101,7 @@ def test_distributed_two_gloo_processes_match_single_process(tmp_path, micro_bas
                            "--standalone", str(script)], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = Refiner(micro_config(tmp_path, run_name="single", method=method).resolved(), progress=False)
-    images, tokens = single.load_batch(single.train_set, single.batch_indices(0, 0))
+    images, tokens = single.load_batch(single.source.train_set, single.source.batch_indices(0, 0))
     single.model.zero_grad(set_to_none=True)
     terms = single.compute_loss(images, tokens, step=0, train=True)
     expected = {n: p.grad for n, p in single.model.named_parameters() if p.grad is not None}
@@ -211,13 +213,13 @@ def test_worker_processes_load_the_same_batches(tmp_path, micro_base):
 def test_batch_norm_statistics_stay_frozen_so_self_kd_starts_at_zero(tmp_path, micro_world):
     """A ModifiedResNet tower has batch norm: in plain train mode the student would use batch statistics and
     differ from its eval-mode teacher at step 0. The trainer keeps the running statistics instead."""
-    from clip_refine_lab.models.loading import train_with_frozen_batch_norm
+    from clip_refine_lab.models.speed import train_with_frozen_batch_norm
 
     cfg = micro_config(tmp_path, method="self-kd", model="tiny-rn-48", pretrained=None, batch_size=16, epochs=1)
     refiner = Refiner(cfg.resolved(), progress=False)
     running = {n: b.clone() for n, b in refiner.model.named_buffers() if "running" in n}
     assert running, "tiny-rn-48 must have batch-norm layers for this test to mean anything"
-    images, tokens = refiner.load_batch(refiner.train_set, refiner.batch_indices(0, 0))
+    images, tokens = refiner.load_batch(refiner.source.train_set, refiner.source.batch_indices(0, 0))
     assert train_with_frozen_batch_norm(refiner.model) > 0 and refiner.model.training
     terms = refiner.compute_loss(images, tokens, step=0, train=True)
     assert float(terms["loss"]) == pytest.approx(0.0, abs=1e-6)

@@ -9,9 +9,11 @@ import yaml
 from safetensors.torch import load_file
 
 from clip_refine_lab.training import loop as train
+from clip_refine_lab.training import sources
 from clip_refine_lab.config import ConfigError, RunConfig
 from clip_refine_lab.data.manifest import Manifest
 from clip_refine_lab.training.loop import Refiner, refine
+from clip_refine_lab.training.sources import StreamSource
 from clip_refine_lab.rundir import read_log
 from conftest_data import make_coco, make_webdataset, write_manifest_yaml
 
@@ -64,15 +66,15 @@ def test_streaming_run_trains_without_listing_records(tmp_path, micro_base, no_l
 
 def test_validation_shards_are_held_out_and_epochs_cover_the_training_shards(tmp_path, micro_base):
     man, keys = shards_manifest(tmp_path)
-    r = Refiner(stream_config(tmp_path, man).resolved(), progress=False)
+    r = Refiner(stream_config(tmp_path, man).resolved(), progress=False).source
     assert r.val_shards == [tmp_path / "shards" / "00004.tar"] and len(r.train_shards) == 4
     val_keys = set(r.val_keys)
     streamed_val = []
-    for _, images, _, _ in r._stream_val_batches(r.num_val_pairs, BATCH, BATCH):
+    for _, images, _, _ in r.val_batches(BATCH, BATCH):
         streamed_val.append(images.shape[0])
     assert sum(streamed_val) == len(val_keys) == PER_SHARD
     epochs = [[], []]
-    for step, (_, _, batch_keys) in enumerate(r.train_loader(0)):
+    for step, (_, _, batch_keys) in enumerate(r.train_batches(0)):
         epochs[step // r.steps_per_epoch].extend(batch_keys)
     for epoch_keys in epochs:  # every training pair once per epoch, no validation pair ever
         assert sorted(epoch_keys) == sorted(set(keys) - val_keys)
@@ -108,9 +110,9 @@ def test_resumed_streaming_run_equals_uninterrupted(tmp_path, micro_base, monkey
 def test_a_rank_whose_shards_run_out_reads_them_again(tmp_path, micro_base, capsys):
     # the manifest claims twice the samples it has: every epoch needs two passes over the shards
     man, keys = shards_manifest(tmp_path, num_samples=2 * SHARDS * PER_SHARD)
-    r = Refiner(stream_config(tmp_path, man, epochs=1).resolved(), progress=False)
+    r = Refiner(stream_config(tmp_path, man, epochs=1).resolved(), progress=False).source
     assert r.steps_per_epoch == 8
-    got = [list(k) for _, _, k in r.train_loader(0)]
+    got = [list(k) for _, _, k in r.train_batches(0)]
     assert len(got) == 8 and r.cycled == 1
     first, second = sum(got[:4], []), sum(got[4:], [])
     assert sorted(first) == sorted(second)
@@ -126,7 +128,7 @@ def test_ddp_ranks_stream_disjoint_training_shards(tmp_path, micro_base, monkeyp
         per_rank = []
         for rank in (0, 1):
             monkeypatch.setattr(train, "world_info", lambda rank=rank: (rank, 2))
-            r = Refiner(cfg, progress=False)
+            r = Refiner(cfg, progress=False).source
             assert (r.rank, r.world_size, r.local_batch, r.steps_per_epoch) == (rank, 2, BATCH // 2, 4)
             r.train_set.set_epoch(epoch)
             per_rank.append(set(r.train_set.my_shards()))
@@ -148,21 +150,21 @@ def test_streaming_refuses_map_style_options_and_needs_a_sample_count(tmp_path, 
     with pytest.raises(ConfigError, match=r"without 'num_samples'.*add 'num_samples: N'.*or set max_steps"):
         Refiner(stream_config(tmp_path, bare).resolved(), progress=False)
     r = Refiner(stream_config(tmp_path, bare, max_steps=6).resolved(), progress=False)
-    assert r.steps_per_epoch == r.total_steps == 6 and r.num_train_pairs is None
+    assert r.steps_per_epoch == r.total_steps == 6 and r.source.num_train_pairs is None
 
 
 def test_stats_prior_uses_the_first_streamed_pairs(tmp_path, micro_base, monkeypatch):
     man, _ = shards_manifest(tmp_path)
-    monkeypatch.setattr(train, "STREAM_STATS_SAMPLES", 12)
+    monkeypatch.setattr(sources, "STREAM_STATS_SAMPLES", 12)
     seen = []
-    original = Refiner._streamed_features
+    original = StreamSource.first_features
 
-    def spy(self, limit):
-        image, text = original(self, limit)
+    def spy(self, model, limit, **kw):
+        image, text = original(self, model, limit, **kw)
         seen.append((limit, image.shape[0], text.shape[0]))
         return image, text
 
-    monkeypatch.setattr(Refiner, "_streamed_features", spy)
+    monkeypatch.setattr(StreamSource, "first_features", spy)
     run_dir = refine(stream_config(tmp_path, man, prior="text-stats", max_steps=1), progress=False)
     assert seen == [(12, 12, 12)]
     assert (run_dir / "prior_stats.safetensors").is_file()

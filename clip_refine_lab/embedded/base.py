@@ -1,8 +1,9 @@
 """The explicit entry points to the embedded world and its base model.
 
-Building the world (about a minute on 2 cores) and pre-training a base (about 8 minutes on 2 cores
-for the default preset) are calls the user makes: :func:`ensure_world` and :func:`ensure_base` say
-what they are about to do and about how long it takes, then do it, or return at once from the cache.
+Building the world (about half a minute on 2 CPU cores for the default preset) and pre-training a
+base (about 8 minutes) are calls the user makes: :func:`ensure_world` and :func:`ensure_base` do the
+work when it is not cached yet, after one line saying what starts and about how long it takes
+(printed by :func:`~.world.build_world` and :func:`~.pretrain.pretrain_base`), or return at once.
 :func:`resolve_pretrained` and :func:`world_manifest` only look things up: they never build or train.
 """
 
@@ -15,29 +16,23 @@ from ..models.loading import EMBEDDED_TAG, ModelNotAvailableError
 from .pretrain import base_checkpoint_path, pretrain_base
 from .world import World, WorldConfig, build_world, world_root
 
-# Rough figures on 2 CPU cores, for the one line printed before the work starts.
-WORLD_BUILD_MINUTES = {"default": 1.5, "micro": 0.1}
-PRETRAIN_MINUTES = {"default": 8.0, "micro": 0.3}
-
 
 def _world_config(preset: str | None) -> WorldConfig:
     return WorldConfig.preset(PRESETS[preset_name(preset)].world)
 
 
 def world_is_built(preset: str | None = None) -> bool:
+    """Whether the embedded world of ``preset`` is complete in the cache."""
     return (world_root(_world_config(preset)) / "world.json").is_file()
 
 
 def ensure_world(preset: str | None = None, *, progress: bool = True) -> World:
     """The embedded world of ``preset``, built first (and cached) when it is not there yet."""
-    name = preset_name(preset)
-    if progress and not world_is_built(name):
-        print(f"Building the embedded world of preset '{name}' (about {WORLD_BUILD_MINUTES.get(name, 1.5):g} min "
-              "on 2 cores; cached afterwards).", flush=True)
-    return build_world(_world_config(name), progress=progress)
+    return build_world(_world_config(preset), progress=progress)
 
 
 def base_is_built(arch: str | None = None, *, world_preset: str | None = None) -> bool:
+    """Whether the base of ``arch`` (default: the preset's model) on ``world_preset``'s world is cached."""
     path = base_checkpoint_path(arch, world_preset=world_preset)
     return path.is_file() and path.with_suffix(".json").is_file()
 
@@ -48,10 +43,6 @@ def ensure_base(arch: str | None = None, *, world_preset: str | None = None, pro
     name = preset_name(world_preset)
     if not base_is_built(arch, world_preset=name):
         ensure_world(name, progress=progress)
-        if progress:
-            print(f"Pre-training the embedded base {arch or PRESETS[name].model} (about "
-                  f"{PRETRAIN_MINUTES.get(name, 8.0):g} min on 2 cores for the preset's model; cached afterwards).",
-                  flush=True)
     return pretrain_base(arch, world_preset=name, progress=progress)
 
 

@@ -4,23 +4,21 @@ This plays the part of "OpenAI CLIP pre-trained on noisy web alt-text": CLIP's o
 (open_clip's ``ClipLoss``, learnable logit scale) on ``synthetic-web``, whose captions are short,
 often partial and 20% mismatched.
 
-``PretrainRecipe.relation_hard_negatives`` (off by default) adds NegCLIP's hard negatives: a caption that
-names a relation ("a red circle left of a blue star") also enters the batch with its relation words
-swapped, as an extra negative for the images
-(:func:`~clip_refine_lab.losses.hard_negative_contrastive_loss`). It was tried to lift the base model off
-chance on the ``relation`` task and did not (README, "The embedded world and base model", fourth round);
-``python benchmarks/pretrain_recipes.py tiny-vit-48:6:256:3e-4:relation_hard_negatives=true``
-reproduces that row. ``object_order_hard_negatives`` swaps the two objects instead ("a blue star left of a
-red circle"); it lifted position and the position and count sketches off chance, relation not (same README
-section), and it is part of both presets' recipes (:data:`RECIPES`). The dataclass default stays off, so
-a recipe built field by field (``benchmarks/pretrain_recipes.py``) is plain CLIP unless it asks for them;
-the switch is in the cache key only when on, so bases cached before it existed stay valid.
-``relation_axis_hard_negatives`` (off; an experiment for the relation task) adds a second negative to a
-relation caption: the relation moved to the other axis ("left of" -> "above" or "below",
-:func:`~clip_refine_lab.world.relation_axis_swapped`), whichever is false of the scene for every pair of
-objects the caption's two phrases can name. It reads the scene metadata of the web records, so it skips
-mismatched captions. The result is cached under
-``<cache dir>/base/<arch>-<key>.safetensors`` (key = world + architecture + recipe), written
+Hard negatives in NegCLIP's manner (:func:`~clip_refine_lab.losses.hard_negative_contrastive_loss`): a
+caption that names a relation also enters the batch, changed so that it is false of its image, as an
+extra negative for the images. Each form is a switch of :class:`PretrainRecipe`:
+
+* ``object_order_hard_negatives``: the two objects swapped ("a blue star left of a red circle"). It lifts
+  position and the position and count sketches off chance, and is part of both presets' :data:`RECIPES`.
+* ``relation_hard_negatives``: the relation words swapped ("right of"). It leaves the ``relation`` probe
+  at chance (``python benchmarks/pretrain_recipes.py tiny-vit-48:6:256:3e-4:relation_hard_negatives=true``).
+* ``relation_axis_hard_negatives``: a second negative, the relation moved to the other axis
+  (:func:`~clip_refine_lab.embedded.captions.relation_axis_swapped`); it reads the scene metadata of the
+  web records, so mismatched captions get none.
+
+The dataclass defaults are off, so a recipe built field by field (``benchmarks/pretrain_recipes.py``) is
+plain CLIP unless it asks for them; a switch enters the cache key only when on. The result is cached
+under ``<cache dir>/base/<arch>-<key>.safetensors`` (key = world + architecture + recipe), written
 atomically with a JSON summary beside it; a second call loads instead of retraining.
 """
 
@@ -34,29 +32,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import PRESETS, preset_name
 from ..metrics import zero_shot_average
 from ..optim import build_adamw, clamp_logit_scale, lr_at, set_lr
+from ..progress import progress_bar, stage
 from ..utils import atomic_write_json, cache_dir, seed_everything, stable_hash
+from .captions import relation_axis_swapped, relation_objects_swapped, relation_swapped
+from .world import WORLD_VERSION, WorldConfig, build_world
 
-# 2: tiny ViTs with fixed 2-D sin-cos position embeddings; 3: attention through SDPA (models.use_sdpa_attention)
-# and text encoded up to the batch's longest caption (models.encode_text_trimmed): the same arithmetic, faster on
-# CPU (benchmarks/bench_pretrain.py), but not the same last bits, so bases of version 2 are not reused;
-# 4: the text rows encoded in TEXT_BUCKETS length-sorted chunks (same arithmetic again; forward and backward
-# 27 % shorter, the whole step 1.02-1.23x faster than version 3 in bench_pretrain.py's rounds);
-# 5: one token-embedding lookup for all chunks (its backward fills a dense 6.3M-float gradient, once instead of
-# once per chunk: the step about 6 % faster in bench_pretrain.py's rounds; same arithmetic, other summation order)
-PRETRAIN_VERSION = 5
+PRETRAIN_VERSION = 5  # bump when the trained bytes change (it enters the base cache key)
 
 #: Chunks the batch's text rows are sorted into by caption length and encoded apart
-#: (:func:`~clip_refine_lab.models.encode_text_trimmed`); 4 measured fastest of 1, 3, 4, 6 and 8 on 2 cores.
+#: (:func:`~clip_refine_lab.models.speed.encode_text_trimmed`); 4 measured fastest of 1, 3, 4, 6 and 8 on 2 cores.
 TEXT_BUCKETS = 4
+
+#: About how long pre-training a preset's base takes on 2 CPU cores (training and the summary evaluation).
+PRETRAIN_MINUTES = {"default": 8.0, "micro": 0.5}
 
 
 @dataclass(frozen=True)
 class PretrainRecipe:
+    """How a base is pre-trained: epochs, batch, AdamW and its schedule, seed and the hard-negative switches."""
+
     epochs: int
     batch_size: int
     lr: float
@@ -74,8 +72,8 @@ class PretrainRecipe:
 
 
 RECIPES = {
-    # Object-order hard negatives are part of the recipe since the version 4 world's second base (README,
-    # "The embedded world and base model"); the dataclass keeps them off so that a bare recipe is plain CLIP.
+    # Object-order hard negatives lift position and the position and count sketches off chance (README, "The
+    # embedded world and base model"); the dataclass keeps them off so that a bare recipe is plain CLIP.
     "default": PretrainRecipe(epochs=6, batch_size=256, lr=3e-4, warmup_steps=100, object_order_hard_negatives=True),
     "micro": PretrainRecipe(epochs=6, batch_size=64, lr=2e-3, warmup_steps=10, object_order_hard_negatives=True),
 }
@@ -83,8 +81,6 @@ RECIPES = {
 
 def base_checkpoint_path(arch: str | None = None, *, world_preset: str | None = None,
                          recipe: PretrainRecipe | None = None) -> Path:
-    from .world import WORLD_VERSION, WorldConfig
-
     preset = PRESETS[preset_name(world_preset)]
     arch = arch or preset.model
     recipe = recipe or RECIPES[preset.name]
@@ -105,13 +101,17 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     from ..data.manifest import load_manifest
     from ..features import decode_images, normalize_uint8
     from ..losses import hard_negative_contrastive_loss
-    from ..models.loading import ModelSpec, encode_text_trimmed, load_model, save_checkpoint, use_sdpa_attention
-    from .world import WorldConfig, build_world, relation_axis_swapped, relation_objects_swapped, relation_swapped
+    from ..models.checkpoints import ModelSpec, save_checkpoint
+    from ..models.loading import load_model
+    from ..models.speed import encode_text_trimmed, use_sdpa_attention
 
     preset = PRESETS[preset_name(world_preset)]
     arch = arch or preset.model
     recipe = recipe or RECIPES[preset.name]
     world = build_world(WorldConfig.preset(preset.world), progress=progress)
+    stage(f"Pre-training the embedded base {arch} on synthetic-web",
+          f"{PRETRAIN_MINUTES.get(preset.name, PRETRAIN_MINUTES['default']):g} min on 2 CPU cores; cached afterwards",
+          enabled=progress)
     seed_everything(recipe.seed)
     loaded = load_model(arch, None, device=device)
     model = loaded.model
@@ -149,7 +149,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     gen = torch.Generator().manual_seed(recipe.seed)
     model.train()
     start = time.time()
-    bar = tqdm(total=total, desc=f"pre-train {arch} on synthetic-web", disable=not progress)
+    bar = progress_bar(total=total, desc=f"pre-train {arch} on synthetic-web", enabled=progress, unit="step")
     step = 0
     for epoch in range(recipe.epochs):
         order = torch.randperm(len(records), generator=gen)
@@ -186,7 +186,6 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     if progress:
         print(format_summary(summary))
     return path
-
 
 
 def summarize_base(loaded, world, *, device: str = "cpu", progress: bool = True) -> dict:

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..data.manifest import write_manifest
-from ..progress import progress_bar
+from ..progress import progress_bar, stage
 from ..utils import atomic_write_json, cache_dir, stable_hash
 from .captions import caption_set, describe, sketch_caption, untinted_words_removed
 from .rendering import render_scene
@@ -297,6 +297,12 @@ def _clean_stale(parent: Path, key: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def build_seconds(config: WorldConfig) -> float:
+    """About how long building ``config`` takes with 2 workers on 2 CPU cores: the default world's 61,300
+    images took 23 s, the micro world's 3,650 took 3 s (mostly starting the process pool)."""
+    return 2.0 + sum(s.size for s in split_specs(config)) / 2700
+
+
 def build_world(config: WorldConfig | None = None, *, progress: bool = True, workers: int = 2) -> World:
     """Build the world for ``config`` (default preset when None), or reuse a complete one.
 
@@ -316,11 +322,13 @@ def build_world(config: WorldConfig | None = None, *, progress: bool = True, wor
     if final.exists():  # a folder without the completion mark: not ours to trust
         shutil.rmtree(final, ignore_errors=True)
     _clean_stale(parent, final.name)
-    stage = parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
+    staging = parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    stage("Building the embedded world", f"{build_seconds(config):.0f} s on 2 CPU cores; cached afterwards",
+          enabled=progress)
     t0 = time.time()
     try:
-        _build_into(stage, config, progress=progress, workers=workers)
+        _build_into(staging, config, progress=progress, workers=workers)
         info = {
             "version": WORLD_VERSION, "hash": final.name, "config": config.to_dict(),
             "caption_splits": list(CAPTION_SPLITS), "tasks": list(TASK_NAMES),
@@ -329,25 +337,25 @@ def build_world(config: WorldConfig | None = None, *, progress: bool = True, wor
                                 "manifest": f"{s.name}.yaml"} for s in split_specs(config)},
             "build_seconds": round(time.time() - t0, 2),
         }
-        atomic_write_json(stage / "world.json", info)
+        atomic_write_json(staging / "world.json", info)
         os.sync()
         try:
-            os.rename(stage, final)
+            os.rename(staging, final)
         except OSError:  # another process finished the same world first
             if not (final / "world.json").is_file():
                 raise
-            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return World.load(final)
 
 
-def _build_into(stage: Path, config: WorldConfig, *, progress: bool, workers: int, chunk: int = 250) -> None:
+def _build_into(staging: Path, config: WorldConfig, *, progress: bool, workers: int, chunk: int = 250) -> None:
     specs = split_specs(config)
     jobs = []
     for spec in specs:
-        folder = stage / "images" / spec.slug
+        folder = staging / "images" / spec.slug
         folder.mkdir(parents=True, exist_ok=True)
         for start in range(0, spec.size, chunk):
             jobs.append((config.to_dict(), spec, start, min(spec.size, start + chunk), str(folder)))
@@ -369,11 +377,11 @@ def _build_into(stage: Path, config: WorldConfig, *, progress: bool, workers: in
     finally:
         bar.close()
     for spec in specs:
-        _write_split_manifest(stage, config, spec, results[spec.name])
+        _write_split_manifest(staging, config, spec, results[spec.name])
 
 
-def _write_split_manifest(stage: Path, config: WorldConfig, spec: SplitSpec, records: list[dict]) -> None:
-    path = stage / f"{spec.name}.yaml"
+def _write_split_manifest(staging: Path, config: WorldConfig, spec: SplitSpec, records: list[dict]) -> None:
+    path = staging / f"{spec.name}.yaml"
     depth = spec.name.count("/")
     root = "../" * depth + f"images/{spec.slug}"
     source = f"clip_refine_lab.world (embedded synthetic world v{WORLD_VERSION}, seed {config.seed})"

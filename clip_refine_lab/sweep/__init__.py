@@ -36,12 +36,11 @@ post-pre-training set, as COCO is narrower than the paper's zero-shot sets).
 
 The modules, in dependency order: :mod:`.spec` (reading and checking a spec, run names),
 :mod:`.plan` (the runs in order, shared runs, steps and cost), :mod:`.tables` (mean ± std tables),
-:mod:`.figures`, :mod:`.runner` (running a sweep) and :mod:`.cli` (the command line, notebook 08).
+:mod:`.figures`, :mod:`.runner` (running a sweep) and :mod:`.cli` (the command line).
 The names below are the public API.
 """
 
-from ..config import preset_name  # notebook 08 prints the preset's name through this package
-from .cli import check_notebook_parameters, run_sweep_cli
+from .cli import run_sweep_cli
 from .figures import figures
 from .plan import PlannedRun, default_sweep_dir, expand, format_plan, plan, planned_steps
 from .runner import SweepReport, config_mismatch, prepare_data, read_sweep_log, run_sweep
@@ -49,6 +48,5 @@ from .spec import SweepError, SweepSpec, load_spec, parse_spec
 from .tables import NoResultsError, Tables, aggregate, write_outputs
 
 __all__ = ["NoResultsError", "PlannedRun", "SweepError", "SweepReport", "SweepSpec", "Tables", "aggregate",
-           "check_notebook_parameters", "config_mismatch", "default_sweep_dir", "expand", "figures",
-           "format_plan", "load_spec", "parse_spec", "plan", "planned_steps", "prepare_data", "preset_name",
-           "read_sweep_log", "run_sweep", "run_sweep_cli", "write_outputs"]
+           "config_mismatch", "default_sweep_dir", "expand", "figures", "format_plan", "load_spec", "parse_spec",
+           "plan", "planned_steps", "prepare_data", "read_sweep_log", "run_sweep", "run_sweep_cli", "write_outputs"]

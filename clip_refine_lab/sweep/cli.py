@@ -1,5 +1,4 @@
-"""The entry points of a sweep: ``clip-refine-lab sweep SPEC.yaml`` (and ``python -m clip_refine_lab.sweep``)
-and the parameters of notebook 08."""
+"""The command line of a sweep: ``clip-refine-lab sweep SPEC.yaml`` and ``python -m clip_refine_lab.sweep``."""
 
 from __future__ import annotations
 
@@ -7,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from ..config import ConfigError, preset_name
 from .plan import default_sweep_dir, format_plan, plan
@@ -65,35 +64,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clip-refine-lab sweep: error: {e}", file=sys.stderr)
         return 2
 
-
-# ================================================================================ notebook 08
-NOTEBOOK_PARAMETERS = {
-    "spec": (lambda v: isinstance(v, str) and v.strip() != "", "a spec path"),
-    "output_dir": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "None or a folder"),
-    "blocks": (lambda v: v is None or (isinstance(v, list) and v and all(isinstance(b, str) for b in v)),
-               "None or a non-empty list of block names"),
-    "max_runs": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-                 "None or an integer >= 1"),
-    "run": (lambda v: isinstance(v, bool), "True or False"),
-    "figure_dir": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "None or a folder"),
-}
-
-
-def check_notebook_parameters(namespace: Mapping) -> dict:
-    """Type-check notebook 08's parameters; raise ConfigError naming the first bad one. Resolves ``spec``
-    and ``output_dir`` against the project root."""
-    from ..rundir import resolve_output_dir, resolve_path
-
-    out = {}
-    for name, (test, kind) in NOTEBOOK_PARAMETERS.items():
-        if name not in namespace:
-            raise ConfigError(f"08_paper_tables: parameter {name} missing: run the parameters cell first")
-        if not test(namespace[name]):
-            raise ConfigError(f"08_paper_tables: {name} must be {kind}, got {namespace[name]!r}")
-        out[name] = namespace[name]
-    out["spec"] = resolve_path(out["spec"])
-    if not Path(out["spec"]).is_file():
-        raise ConfigError(f"08_paper_tables: spec: file not found: {namespace['spec']}")
-    if out["output_dir"] is not None:
-        out["output_dir"] = resolve_output_dir(out["output_dir"])
-    return out

@@ -70,7 +70,8 @@ def _weights_figure(tables: Tables, block: str):
     if block not in tables.mean or tables.meta.get(block, {}).get("kind") != "weights":
         return None
     mean, text = tables.mean[block], tables[block]
-    fig = go.Figure(go.Heatmap(z=mean.values, x=[number_text(c) for c in mean.columns], y=[number_text(i) for i in mean.index],
+    fig = go.Figure(go.Heatmap(z=mean.values, x=[number_text(c) for c in mean.columns],
+                               y=[number_text(i) for i in mean.index],
                                text=text.values, texttemplate="%{text}", colorscale="Viridis",
                                colorbar=dict(title="zero-shot<br>avg (%)")))
     base = tables.base

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import yaml
 
 from ..config import PRESETS, RunConfig, preset_name
-from .spec import (DataRef, SweepError, SweepSpec, did_you_mean, block_runs, block_where, load_spec, resolve_suite_file,
-                   run_config)
+from .spec import (DataRef, SweepError, SweepSpec, block_runs, block_where, did_you_mean, load_spec,
+                   resolve_suite_file, run_config)
 
 #: Cost model of --dry-run (2 CPU cores, fp32, teacher and image caches on, SDPA attention), per preset:
 #: seconds per 1,000 training pairs, seconds per evaluated image of the refined model (the starting

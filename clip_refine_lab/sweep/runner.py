@@ -16,17 +16,16 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from ..config import PRESETS, RunConfig, preset_name
 from ..progress import progress_bar, stage
-from ..utils import append_jsonl, atomic_write, read_jsonl
+from ..utils import append_jsonl, atomic_write, read_jsonl, stable_hash
 from .figures import figures
 from .plan import PlannedRun, block_minutes, default_sweep_dir, expand, plan_frame
-from .spec import SPEC_FILE, DataRef, SweepError, SweepSpec, load_spec, resolve_suite_file, scene_matches, \
-    spec_for_saving
+from .spec import SPEC_FILE, DataRef, SweepError, SweepSpec, load_spec, resolve_suite_file, spec_for_saving
 from .tables import NoResultsError, Tables, aggregate, write_outputs
 
 SWEEP_LOG = "sweep.jsonl"
@@ -85,7 +84,7 @@ def config_mismatch(run: PlannedRun) -> list[str]:
     As ``refine`` does, fields that a resumed run may change (device, workers, logging) are ignored;
     ``max_steps`` too while the run is unfinished (resuming extends it exactly), but not once it is
     finished: ``refine`` would return the old result."""
-    from ..training.loop import RESUMABLE_FIELDS
+    from ..training.state import RESUMABLE_FIELDS
 
     saved = run.run_dir / "config.yaml"
     if not saved.is_file():
@@ -139,7 +138,7 @@ def prepare_data(run: PlannedRun, *, progress: bool = False) -> Path | None:
 
         cfg = run.config
         arch = cfg.model or PRESETS[preset].model
-        model = load_model(arch, resolve_pretrained(arch, cfg.pretrained, world_preset=preset), world_preset=preset,
+        model = load_model(arch, resolve_pretrained(arch, cfg.pretrained, world_preset=preset),
                            quick_gelu=cfg.quick_gelu)
         clip_score_filter(source, path, model=model, keep_fraction=ref.keep_fraction, progress=progress,
                           workers=2, batch_size=256)
@@ -188,6 +187,30 @@ def _write_subset(run: PlannedRun, source: Path) -> Path:
     return target
 
 
+def scene_matches(meta: Mapping, where: Sequence[tuple[str, Sequence[str]]]) -> bool:
+    """Whether a record's scene metadata passes a ``where`` filter: every object's attribute (shape, colour,
+    size, position: its grid cell's canonical name such as "top left") and the scene's background among the
+    allowed values. ``meta`` is a record's extra fields (the world's records keep their scene under
+    ``meta``) or the scene itself."""
+    scene = meta["meta"] if isinstance(meta.get("meta"), Mapping) else meta
+    for key, allowed in where:
+        if key == "background":
+            if scene.get("background") not in allowed:
+                return False
+        elif not scene.get("objects") or any(_object_attribute(o, key) not in allowed for o in scene["objects"]):
+            return False
+    return True
+
+
+def _object_attribute(obj: Mapping, key: str) -> Any:
+    if key == "position":
+        from ..embedded.vocabulary import CELLS, POSITION_NAMES
+
+        cell = tuple(obj.get("cell") or ())
+        return POSITION_NAMES[CELLS.index(cell)] if cell in CELLS else None
+    return obj.get(key)
+
+
 def _base_models(runs: Sequence[PlannedRun]) -> list[tuple[str, str]]:
     out = []
     for r in runs:
@@ -224,8 +247,6 @@ def suite_file(run: PlannedRun, sweep_dir: Path, spec_path: Path | None = None) 
         return None
     if isinstance(run.suite, str):
         return resolve_suite_file(run.suite, spec_path)
-    from ..utils import stable_hash
-
     path = sweep_dir / "suites" / f"{stable_hash(run.suite, 12)}.yaml"
     if not path.is_file():
         atomic_write(path, yaml.safe_dump(run.suite, sort_keys=False))
@@ -268,8 +289,9 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, output_dir: str | os.PathLike
                      "only": list(only) if only else None, "max_runs": max_runs})
     if progress and runs:
         minutes = sum(block_minutes(plan_frame(runs, spec.path), preset_name(spec.preset)).values())
+        about = f"{minutes:.0f} min" if minutes >= 1 else "a minute or less"
         stage(f"Sweep '{spec.name}': {len(runs)} runs into {sweep_dir}",
-              f"{minutes:.0f} min on 2 CPU cores, besides base models not cached yet")
+              f"{about} on 2 CPU cores, besides base models not cached yet")
     _prepare_base_models(runs, sweep_dir, report, progress=progress)
 
     state: dict[str, set] = {"evaluated": set(), "failed": set()}

@@ -143,6 +143,10 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _unknown_key(where: str, key: Any, known: Sequence[str]) -> SweepError:
+    return SweepError(f"{where}: unknown key '{key}'{did_you_mean(str(key), known)}; known: {', '.join(known)}")
+
+
 def _coerce(name: str, value: Any) -> Any:
     """YAML 1.1 reads ``1e-5`` as a string: turn such strings into numbers for numeric fields."""
     tp = _FIELD_TYPES.get(name)
@@ -182,47 +186,24 @@ def _data_ref(where: str, value: Any) -> DataRef | str:
         raise SweepError(f"{where}: field 'data': 'keep_fraction' must be in (0, 1], got {keep!r}")
     filters = value.get("where") or {}
     if not isinstance(filters, dict):
-        raise SweepError(f"{where}: field 'data': 'where' must be a mapping such as {{colour: [red, green]}}, got {filters!r}")
+        raise SweepError(f"{where}: field 'data': 'where' must be a mapping such as {{colour: [red, green]}}, "
+                         f"got {filters!r}")
     for key, allowed in filters.items():
         if key not in WHERE_KEYS:
-            raise SweepError(f"{where}: field 'data': 'where' key '{key}'{did_you_mean(str(key), WHERE_KEYS)} is not a scene "
-                             f"attribute; known: {', '.join(WHERE_KEYS)}")
+            raise SweepError(f"{where}: field 'data': 'where' key '{key}'{did_you_mean(str(key), WHERE_KEYS)} is not "
+                             f"a scene attribute; known: {', '.join(WHERE_KEYS)}")
         if not isinstance(allowed, list) or not allowed or not all(isinstance(v, str) for v in allowed):
             raise SweepError(f"{where}: field 'data': 'where.{key}' must be a non-empty list of names, got {allowed!r}")
         known = where_vocabulary()[key]
         for v in allowed:
             if v not in known:
-                raise SweepError(f"{where}: field 'data': 'where.{key}' value '{v}'{did_you_mean(v, known)} is not a {key} of "
-                                 f"the world; known: {', '.join(known)}")
+                raise SweepError(f"{where}: field 'data': 'where.{key}' value '{v}'{did_you_mean(v, known)} is not "
+                                 f"a {key} of the world; known: {', '.join(known)}")
     if size is None and keep is None and not filters:
         raise SweepError(f"{where}: field 'data': give 'size', 'keep_fraction' and/or 'where' (or use the split name "
                          "as a string)")
     return DataRef(split, size, None if keep is None else float(keep), value.get("name"),
                    tuple((k, tuple(v)) for k, v in filters.items()))
-
-
-def scene_matches(meta: Mapping, where: Sequence[tuple[str, Sequence[str]]]) -> bool:
-    """Whether a record's scene metadata passes a ``where`` filter: every object's attribute (shape, colour,
-    size, position: its grid cell's canonical name such as "top left") and the scene's background among the
-    allowed values. ``meta`` is a record's extra fields (the world's records keep their scene under
-    ``meta``) or the scene itself."""
-    scene = meta["meta"] if isinstance(meta.get("meta"), Mapping) else meta
-    for key, allowed in where:
-        if key == "background":
-            if scene.get("background") not in allowed:
-                return False
-        elif not scene.get("objects") or any(_object_attribute(o, key) not in allowed for o in scene["objects"]):
-            return False
-    return True
-
-
-def _object_attribute(obj: Mapping, key: str) -> Any:
-    if key == "position":
-        from ..embedded.vocabulary import CELLS, POSITION_NAMES
-
-        cell = tuple(obj.get("cell") or ())
-        return POSITION_NAMES[CELLS.index(cell)] if cell in CELLS else None
-    return obj.get(key)
 
 
 def _check_values(where: str, values: Mapping) -> dict:
@@ -253,7 +234,7 @@ def _check_suite(where: str, suite: Any) -> Any:
         raise SweepError(f"{where}: suite must be a suite YAML path or a mapping of {', '.join(SUITE_KEYS)}")
     for k, v in suite.items():
         if k not in SUITE_KEYS:
-            raise SweepError(f"{where}: suite: unknown key '{k}'{did_you_mean(str(k), SUITE_KEYS)}; known: {', '.join(SUITE_KEYS)}")
+            raise _unknown_key(f"{where}: suite", k, SUITE_KEYS)
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise SweepError(f"{where}: suite: '{k}' must be a list of world names or manifest paths")
     return {k: list(suite.get(k) or []) for k in SUITE_KEYS}
@@ -301,10 +282,11 @@ def _parse_block(where: str, bname: Any, b: Any) -> Block:
         raise SweepError(f"{bw}: expected a mapping with table, grid and/or runs")
     for k in b:
         if k not in BLOCK_KEYS:
-            raise SweepError(f"{bw}: unknown key '{k}'{did_you_mean(str(k), BLOCK_KEYS)}; known: {', '.join(BLOCK_KEYS)}")
+            raise _unknown_key(bw, k, BLOCK_KEYS)
     table = b.get("table", "none")
     if table not in TABLE_KINDS:
-        raise SweepError(f"{bw}: table must be one of {', '.join(TABLE_KINDS)}; got {table!r}{did_you_mean(str(table), TABLE_KINDS)}")
+        raise SweepError(f"{bw}: table must be one of {', '.join(TABLE_KINDS)}; "
+                         f"got {table!r}{did_you_mean(str(table), TABLE_KINDS)}")
     base = _check_values(f"{bw}: base", b.get("base") or {})
     grid = _parse_grid(bw, b.get("grid") or {})
     runs = _parse_runs(bw, b.get("runs") or [], grid)
@@ -313,8 +295,8 @@ def _parse_block(where: str, bname: Any, b: Any) -> Block:
         if v is not None and v not in _FIELDS:
             raise SweepError(f"{bw}: {key}: unknown RunConfig field '{v}'{did_you_mean(str(v), _FIELDS)}")
     seeds = _seeds(bw, b["seeds"]) if "seeds" in b else None
-    return Block(bname, table, str(b.get("description") or ""), base, seeds, grid, runs, _check_suite(bw, b.get("suite")),
-                 x, series)
+    suite = _check_suite(bw, b.get("suite"))
+    return Block(bname, table, str(b.get("description") or ""), base, seeds, grid, runs, suite, x, series)
 
 
 def parse_spec(values: Mapping, *, where: str = "sweep spec", path: Path | None = None) -> SweepSpec:
@@ -323,7 +305,7 @@ def parse_spec(values: Mapping, *, where: str = "sweep spec", path: Path | None 
         raise SweepError(f"{where}: expected a mapping (name, preset, seeds, base, blocks, ...)")
     for k in values:
         if k not in SPEC_KEYS:
-            raise SweepError(f"{where}: unknown key '{k}'{did_you_mean(str(k), SPEC_KEYS)}; known: {', '.join(SPEC_KEYS)}")
+            raise _unknown_key(where, k, SPEC_KEYS)
     preset = values.get("preset")
     if preset is not None:
         try:

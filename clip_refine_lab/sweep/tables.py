@@ -18,7 +18,7 @@ from ..config import PRESETS, preset_name
 from ..metrics import zero_shot_average
 from ..utils import atomic_write, atomic_write_json
 from .plan import expand
-from .spec import PRETRAINED, SPEC_FILE, Block, DataRef, SweepSpec, number_text, manifest_stem, read_saved_spec
+from .spec import PRETRAINED, SPEC_FILE, Block, DataRef, SweepSpec, manifest_stem, number_text, read_saved_spec
 
 #: The paper's row order of Table 1-3.
 METHOD_ORDER = (PRETRAINED, "contrastive", "m2-mix", "self-kd", "hycd", "hycd+l2", "clip-refine")
@@ -385,7 +385,8 @@ def tables_markdown(tables: Tables) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write_outputs(tables: Tables, figs: Mapping | None, sweep_dir: str | os.PathLike, *, png: bool = False) -> list[Path]:
+def write_outputs(tables: Tables, figs: Mapping | None, sweep_dir: str | os.PathLike, *,
+                  png: bool = False) -> list[Path]:
     """Write ``tables/<name>.csv`` (mean ± std), ``<name>.mean.csv``, ``<name>.std.csv``, ``tables/tables.md``,
     ``tables/runs.csv`` (every run's metrics) and ``figures/<name>.html`` (+ ``.png`` with ``png``)."""
     sweep_dir = Path(sweep_dir)

@@ -42,8 +42,9 @@ from ..data.manifest import load_manifest
 from ..distributed import gather_features, resolve_device, world_info
 from ..embedded.base import ensure_base, ensure_world, resolve_pretrained
 from ..methods import Method, get_method, loss_terms
-from ..models.loading import (EMBEDDED_TAG, LoadedModel, compile_towers, load_model, save_checkpoint,
-                              train_with_frozen_batch_norm, use_channels_last, use_sdpa_attention)
+from ..models.checkpoints import save_checkpoint
+from ..models.loading import EMBEDDED_TAG, LoadedModel, load_model
+from ..models.speed import compile_towers, train_with_frozen_batch_norm, use_channels_last, use_sdpa_attention
 from ..optim import build_adamw, clamp_logit_scale, lr_at, set_lr
 from ..priors import build_prior
 from ..progress import progress_bar, stage
@@ -84,7 +85,8 @@ def minutes_left(log_path: Path, steps: int, batch_size: int) -> str | None:
     rates = [r["pairs_per_s"] for r in read_jsonl(log_path) if r.get("kind") == "train" and r.get("pairs_per_s")]
     if not rates:
         return None
-    return f"{steps * batch_size / statistics.median(rates) / 60:.0f} min"
+    minutes = steps * batch_size / statistics.median(rates) / 60
+    return f"{minutes:.0f} min" if minutes >= 1 else "under a minute"
 
 
 class Refiner:
@@ -102,7 +104,7 @@ class Refiner:
         seed_everything(cfg.seed)
         pretrained = resolve_pretrained(cfg.model, cfg.pretrained, cfg.preset)  # type: ignore[arg-type]
         self.base: LoadedModel = load_model(cfg.model, pretrained, device=self.device,  # type: ignore[arg-type]
-                                            quick_gelu=cfg.quick_gelu, world_preset=cfg.preset)
+                                            quick_gelu=cfg.quick_gelu)
         self.model = self.base.model
         if cfg.attention == "sdpa":
             use_sdpa_attention(self.model)

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..config import RunConfig, preset_name
+from ..config import ConfigError, RunConfig, preset_name
 from ..rundir import find_run, finished_runs, resolve_output_dir, resolve_path, run_config
 from .parameters import looks_like_file
 
@@ -95,7 +95,7 @@ def leakage_summary(runs: Sequence[Path]) -> str:
 def section_names(run_dir: Path, section: str) -> list[str]:
     """Data set names of a section (zero_shot, retrieval, geometry) of a run's metrics.json, else of the
     preset's default suite."""
-    from ..evaluation.evaluate import default_suite
+    from ..evaluation.suites import default_suite
 
     suite_names = [p.stem for p in getattr(default_suite(run_config(run_dir).preset), section)]
     path = Path(run_dir) / "metrics.json"
@@ -111,7 +111,7 @@ def section_names(run_dir: Path, section: str) -> list[str]:
 def dataset_for(run_dir: Path, name: str | None, section: str) -> Path:
     """The manifest a notebook looks at: ``name`` (a manifest path or a split/task of the embedded world)
     or, when None, the first data set of ``section`` the run was evaluated on."""
-    from ..evaluation.evaluate import resolve_manifest
+    from ..evaluation.suites import resolve_manifest
 
     preset = run_config(run_dir).preset
     if name is None:
@@ -126,9 +126,8 @@ def dataset_for(run_dir: Path, name: str | None, section: str) -> Path:
         return path
     try:
         return resolve_manifest(name, preset)
-    except KeyError:
-        raise ValueError(f"'{name}' is not a split of the embedded world; pass its manifest file (a .yaml path) "
-                         "as the dataset parameter") from None
+    except (KeyError, ConfigError) as e:
+        raise ValueError(f"{e}; pass a manifest file (a .yaml path) as the dataset parameter") from None
 
 
 def zero_shot_manifests(run_dir: Path) -> list[Path]:

@@ -53,8 +53,8 @@ def base_summary(cfg: RunConfig) -> str | None:
 def headline_suite(cfg: RunConfig, suite: str | None = None):
     """The suite notebook 01 measures the starting model on: ``suite`` when given; the embedded world's
     default suite for the embedded model; else retrieval and geometry on the data manifest."""
-    from ..evaluation.evaluate import Suite, default_suite, load_suite
-    from ..training.loop import resolve_data
+    from ..evaluation.suites import Suite, default_suite, load_suite
+    from ..training.sources import resolve_data
 
     if suite is not None:
         path = resolve_path(suite)

@@ -2,14 +2,15 @@
 
 * :class:`RefineForm` (notebook 02): method, alpha slider, prior, learning rate, epochs and a Run
   button that post-pre-trains with a live plot in the form's output area.
-* :class:`RunPicker` (notebooks 03-05): a multi-select of finished runs and a Show button that
+* :class:`RunPicker` (notebook 03): a multi-select of finished runs and a Show button that
   re-draws the notebook's tables and charts for the selection.
 * :class:`ProjectionExplorer` (notebook 06): PCA/UMAP, 2D/3D, colour, sample size and UMAP
   n_neighbors, with an Update button.
 
-Each widget takes the function that does the work as an argument (so tests can drive the widgets
-by setting values and calling ``button.click()``), and prints errors in its output area instead
-of raising them into the front end's log.
+:func:`show_widget` displays one where a front end renders widgets. Each widget takes the function
+that does the work as an argument (so tests can drive the widgets by setting values and calling
+``button.click()``), and prints errors in its output area instead of raising them into the front
+end's log.
 """
 
 from __future__ import annotations
@@ -22,9 +23,22 @@ from typing import Callable, Sequence
 import ipywidgets as W
 
 from ..config import METHOD_NAMES, PRIOR_NAMES, ConfigError, RunConfig
+from ..progress import widgets_render
 
 _LABEL = {"description_width": "90px"}
 _WIDE = W.Layout(width="420px")
+
+
+def show_widget(widget: W.Widget, what: str) -> bool:
+    """Display ``widget`` where a Jupyter front end renders widgets; elsewhere (papermill, nbval) print one
+    line instead, so output notebooks hold no frozen widget. Returns whether it was displayed."""
+    if not widgets_render():
+        print(f"({what}: interactive in JupyterLab)")
+        return False
+    from IPython.display import display
+
+    display(widget)
+    return True
 
 
 class RefineForm(W.VBox):

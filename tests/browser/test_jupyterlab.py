@@ -64,6 +64,8 @@ def lab(tmp_path_factory):
     env.setdefault("CLIP_REFINE_LAB_PRESET", "micro")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("CLIP_REFINE_LAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    env["CLIP_REFINE_LAB_OUTPUT_ROOT"] = str(work)  # runs (and exported figures) go to <work>/runs
+    env.pop("CLIP_REFINE_LAB_PROGRESS", None)  # JupyterLab decides: widget bars and the live plot
     env["JUPYTER_RUNTIME_DIR"] = str(work / ".runtime")
     settings = work / ".settings" / "@jupyterlab"
     for plugin, text in (("apputils-extension/notification", '{"fetchNews": "false", "checkForUpdates": false}'),
