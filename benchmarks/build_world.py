@@ -1,6 +1,7 @@
 """Build (or find) the embedded world with every core: ``python benchmarks/build_world.py [--world micro]``.
 
-The library builds it on first use with 2 worker processes; on a many-core machine this is faster.
+The library builds it with 2 worker processes (``clip_refine_lab.embedded.base.ensure_world``); on a many-core
+machine this is faster.
 """
 
 import argparse

@@ -21,11 +21,6 @@ def _world_config(preset: str | None) -> WorldConfig:
     return WorldConfig.preset(PRESETS[preset_name(preset)].world)
 
 
-def world_is_built(preset: str | None = None) -> bool:
-    """Whether the embedded world of ``preset`` is complete in the cache."""
-    return (world_root(_world_config(preset)) / "world.json").is_file()
-
-
 def ensure_world(preset: str | None = None, *, progress: bool = True) -> World:
     """The embedded world of ``preset``, built first (and cached) when it is not there yet."""
     return build_world(_world_config(preset), progress=progress)
