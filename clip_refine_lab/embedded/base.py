@@ -35,10 +35,7 @@ def base_is_built(arch: str | None = None, *, world_preset: str | None = None) -
 def ensure_base(arch: str | None = None, *, world_preset: str | None = None, progress: bool = True) -> Path:
     """The cached base checkpoint of ``arch`` (default: the preset's model) on the embedded world of
     ``world_preset``: pre-trained first (world built first too) when it is not there yet."""
-    name = preset_name(world_preset)
-    if not base_is_built(arch, world_preset=name):
-        ensure_world(name, progress=progress)
-    return pretrain_base(arch, world_preset=name, progress=progress)
+    return pretrain_base(arch, world_preset=world_preset, progress=progress)
 
 
 def resolve_pretrained(arch: str, pretrained: str | None, world_preset: str | None = None) -> str | None:
