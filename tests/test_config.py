@@ -99,7 +99,8 @@ def registry():
 def test_a_registered_method_validates_and_an_unknown_one_is_named(registry):
     from clip_refine_lab.methods import Method, register_method
 
-    with pytest.raises(ConfigError, match=r"got 'distil-only'.*registered first with clip_refine_lab.methods.register_method"):
+    registered_first = r"got 'distil-only'.*registered first with clip_refine_lab.methods.register_method"
+    with pytest.raises(ConfigError, match=registered_first):
         RunConfig(method="distil-only").validate()
     register_method(Method("distil-only", ("hycd",), needs_teacher=True))
     assert RunConfig(method="distil-only").validate().method == "distil-only"
@@ -133,7 +134,8 @@ def test_normalized_features_at_a_high_temperature_warn_when_resolved(monkeypatc
     from clip_refine_lab.config import ConfigWarning
 
     monkeypatch.setenv("CLIP_REFINE_LAB_PRESET", "micro")
-    with pytest.warns(ConfigWarning, match=r"feature_space 'normalized' with temperature 1: .*cosines in \[-1, 1\].*about 0\.01"):
+    why = r"feature_space 'normalized' with temperature 1: .*cosines in \[-1, 1\].*about 0\.01"
+    with pytest.warns(ConfigWarning, match=why):
         RunConfig(feature_space="normalized").resolved()
     with pytest.warns(ConfigWarning, match="temperature 0.5"):
         RunConfig(feature_space="normalized", temperature=0.5, method="hycd").resolved()
@@ -155,7 +157,8 @@ def test_cli_prints_the_warning_once_as_one_line(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "runs"), "--run-name", "r"])
     err = capsys.readouterr().err
     assert code == 2 and "clip-refine-lab: error:" in err
-    warning_lines = [line for line in err.splitlines() if "ConfigWarning" in line or line.startswith("clip-refine-lab: warning:")]
+    warning_lines = [line for line in err.splitlines()
+                     if "ConfigWarning" in line or line.startswith("clip-refine-lab: warning:")]
     assert warning_lines == [line for line in err.splitlines()
                         if line.startswith("clip-refine-lab: warning: feature_space 'normalized' with temperature 1:")]
     assert len(warning_lines) == 1, err

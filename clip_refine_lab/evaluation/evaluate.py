@@ -41,7 +41,8 @@ def zero_shot_scores(fs: FeatureSet) -> dict[str, float]:
 
 
 def retrieval_scores(fs: FeatureSet, ties: str = DEFAULT_RETRIEVAL_TIES) -> dict[str, float]:
-    """Recall@k and median ranks; ``ties``: the rule for tied scores (:func:`~clip_refine_lab.metrics.retrieval_metrics`)."""
+    """Recall@k and median ranks; ``ties``: the rule for tied scores
+    (:func:`clip_refine_lab.metrics.retrieval_metrics`)."""
     return retrieval_metrics(fs.image, fs.text, fs.text_to_image, ties=ties)
 
 
