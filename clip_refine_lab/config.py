@@ -40,10 +40,11 @@ from typing import Any
 
 import yaml
 
-from .methods import METHODS
 from .utils import PRESET_ENV, atomic_write
 
-METHOD_NAMES = tuple(METHODS)  # the built-in methods; validation consults the registry itself
+# The built-in methods (clip_refine_lab.methods registers them), for help texts. Validation asks the
+# registry itself, imported only then: it pulls in torch, which `--help` should not wait for.
+METHOD_NAMES = ("clip-refine", "contrastive", "m2-mix", "self-kd", "hycd", "hycd+l2")
 PRIOR_NAMES = ("normal", "uniform", "text-stats", "image-stats", "all-stats", "fixed")
 FEATURE_SPACES = ("raw", "normalized")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -95,9 +96,16 @@ class ConfigWarning(UserWarning):
 NORMALIZED_MAX_TEMPERATURE = 0.5
 
 
+def registered_methods() -> dict:
+    """The method registry: name -> :class:`~clip_refine_lab.methods.Method`, built-in ones first."""
+    from .methods import METHODS
+
+    return METHODS
+
+
 def method_names() -> tuple[str, ...]:
     """Every method a config may name: the built-in ones and those registered since."""
-    return tuple(METHODS)
+    return tuple(registered_methods())
 
 
 @dataclass
@@ -244,7 +252,7 @@ class RunConfig:
     def _warn_about_flat_hycd(self) -> None:
         """ConfigWarning for HyCD on normalised features at a temperature that flattens its softmaxes."""
         if (self.feature_space != "normalized" or self.temperature < NORMALIZED_MAX_TEMPERATURE
-                or "hycd" not in METHODS[self.method].terms):
+                or "hycd" not in registered_methods()[self.method].terms):
             return
         # warned when a run is resolved for training, not when a finished run's config is read back
         # for evaluation; one fixed text from one line, so Python's default filter prints it once

@@ -96,6 +96,13 @@ def registry():
     METHODS.update(saved)
 
 
+def test_the_help_lists_the_built_in_methods_of_the_registry():
+    from clip_refine_lab.config import METHOD_NAMES, method_names
+    from clip_refine_lab.methods import METHODS
+
+    assert method_names() == tuple(METHODS) and method_names()[:len(METHOD_NAMES)] == METHOD_NAMES
+
+
 def test_a_registered_method_validates_and_an_unknown_one_is_named(registry):
     from clip_refine_lab.methods import Method, register_method
 
