@@ -81,21 +81,26 @@ def prior_statistics(run_dir: Path, compute: Callable[[], tuple[torch.Tensor, to
     from safetensors.torch import load_file, save_file
 
     path = run_dir / PRIOR_STATS_FILE
-    tensors = None
-    if path.is_file():
+
+    def saved() -> dict | None:
+        if not path.is_file():
+            return None
         with safe_open(str(path), framework="pt") as f:
-            saved_space = (f.metadata() or {}).get("feature_space")
-        if saved_space == feature_space:
-            tensors = load_file(str(path))
+            space = (f.metadata() or {}).get("feature_space")
+        return load_file(str(path)) if space == feature_space else None
+
+    tensors = saved()
     if tensors is None:
         stage(f"Measuring the starting model's {feature_space} feature statistics for the prior", enabled=progress)
         image, text = compute()
-        tensors = {}
+        measured = {}
         normalize = feature_space == "normalized"
         for key, feats in (("image", image), ("text", text), ("all", torch.cat([image, text]))):
             mean, std = feature_statistics(feats, normalize=normalize)
-            tensors[f"{key}_mean"], tensors[f"{key}_std"] = mean.contiguous(), std.contiguous()
+            measured[f"{key}_mean"], measured[f"{key}_std"] = mean.contiguous(), std.contiguous()
         if rank == 0:
             with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata={"feature_space": feature_space})
+                save_file(measured, str(tmp), metadata={"feature_space": feature_space})
+        # every rank takes rank 0's file once it is there, so all of them draw z from the same numbers
+        tensors = saved() or measured
     return {k: (tensors[f"{k}_mean"].to(device), tensors[f"{k}_std"].to(device)) for k in ("image", "text", "all")}
