@@ -11,9 +11,10 @@ import dataclasses
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 
-from .config import FIELD_HELP, ConfigError, RunConfig
+from .config import FIELD_HELP, ConfigError, ConfigWarning, RunConfig
 
 
 def _field_parser(tp) -> tuple[dict, str]:
@@ -208,11 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     from .models.loading import ModelNotAvailableError
     from .training.state import NonFiniteLossError
 
-    try:
-        return int(args.func(args) or 0)
-    except (ConfigError, ManifestError, ModelNotAvailableError, NonFiniteLossError, FileNotFoundError) as e:
-        print(f"clip-refine-lab: error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        python_show = warnings.showwarning
+
+        def show(message, category, *rest, **kw):  # a config warning is one line, in the CLI's voice
+            if issubclass(category, ConfigWarning):
+                print(f"clip-refine-lab: warning: {message}", file=sys.stderr)
+            else:
+                python_show(message, category, *rest, **kw)
+
+        warnings.showwarning = show
+        warnings.simplefilter("once", ConfigWarning)
+        try:
+            return int(args.func(args) or 0)
+        except (ConfigError, ManifestError, ModelNotAvailableError, NonFiniteLossError, FileNotFoundError) as e:
+            print(f"clip-refine-lab: error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

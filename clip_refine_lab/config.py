@@ -6,7 +6,17 @@ both selectable here:
 * ``feature_space="raw"``: RaFA and HyCD act on the raw projected features (released code). The
   paper's text writes normalised features: ``feature_space="normalized"``.
 * ``temperature=1.0`` on raw features (released code): with raw ViT-B/32 features the logits are of
-  the order of CLIP's own (about 100 x cosine).
+  the order of CLIP's own (about 100 x cosine). On normalised features the logits are cosines in
+  [-1, 1]: at T = 1 HyCD's softmaxes are close to uniform and its distillation target carries almost
+  nothing of the teacher, so a temperature of about 0.01 (1 / CLIP's logit scale of 100) puts them
+  back on CLIP's scale. ``feature_space="normalized"`` with ``temperature >= 0.5`` for a method with a
+  HyCD term therefore gives a :class:`ConfigWarning` when the run is resolved
+  (:meth:`RunConfig.resolved`, which :func:`~clip_refine_lab.training.loop.refine` calls), not an
+  error: the loss stays well defined and such a run is a fair ablation, only rarely what is meant.
+
+``method`` is any name in the method registry (:data:`clip_refine_lab.methods.METHODS`): the
+built-in methods, and any added with :func:`clip_refine_lab.methods.register_method` before the
+config is validated.
 
 Fields left ``None`` are filled from the *preset* when the config is resolved: ``default`` (the
 embedded world and the tiny ViT pre-trained on it) or ``micro`` (a very small world and model for
@@ -23,6 +33,7 @@ import dataclasses
 import difflib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +42,8 @@ import yaml
 
 from .utils import PRESET_ENV, atomic_write
 
+# The built-in methods (clip_refine_lab.methods registers them), for help texts. Validation asks the
+# registry itself, imported only then: it pulls in torch, which `--help` should not wait for.
 METHOD_NAMES = ("clip-refine", "contrastive", "m2-mix", "self-kd", "hycd", "hycd+l2")
 PRIOR_NAMES = ("normal", "uniform", "text-stats", "image-stats", "all-stats", "fixed")
 FEATURE_SPACES = ("raw", "normalized")
@@ -73,6 +86,26 @@ def preset_name(name: str | None = None) -> str:
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the allowed values."""
+
+
+class ConfigWarning(UserWarning):
+    """A valid combination of options that is rarely what is meant; the message says why."""
+
+
+# HyCD on unit vectors: logits are cosines in [-1, 1]; from this temperature up its softmaxes are flat.
+NORMALIZED_MAX_TEMPERATURE = 0.5
+
+
+def registered_methods() -> dict:
+    """The method registry: name -> :class:`~clip_refine_lab.methods.Method`, built-in ones first."""
+    from .methods import METHODS
+
+    return METHODS
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method a config may name: the built-in ones and those registered since."""
+    return tuple(registered_methods())
 
 
 @dataclass
@@ -143,12 +176,12 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Raise ConfigError naming the first invalid field; return self for chaining."""
 
-        def one_of(name: str, allowed: tuple) -> None:
+        def one_of(name: str, allowed: tuple, note: str = "") -> None:
             value = getattr(self, name)
             if value not in allowed:
                 close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}{hint}")
+                raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}{hint}{note}")
 
         def number(name: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
                    integer: bool = False, optional: bool = False) -> None:
@@ -166,7 +199,8 @@ class RunConfig:
                        (f"> {lo}" if lo_open else f">= {lo}"))
                 raise ConfigError(f"{name} must be {rng}, got {value}")
 
-        one_of("method", METHOD_NAMES)
+        one_of("method", method_names(),
+               "; a method of your own must be registered first with clip_refine_lab.methods.register_method")
         if self.preset is not None:
             one_of("preset", tuple(PRESETS))
         number("alpha", 0, 1)
@@ -215,6 +249,19 @@ class RunConfig:
         number("log_every", 1, integer=True)
         return self
 
+    def _warn_about_flat_hycd(self) -> None:
+        """ConfigWarning for HyCD on normalised features at a temperature that flattens its softmaxes."""
+        if (self.feature_space != "normalized" or self.temperature < NORMALIZED_MAX_TEMPERATURE
+                or "hycd" not in registered_methods()[self.method].terms):
+            return
+        # warned when a run is resolved for training, not when a finished run's config is read back
+        # for evaluation; one fixed text from one line, so Python's default filter prints it once
+        warnings.warn(
+            f"feature_space 'normalized' with temperature {self.temperature:g}: on normalised features HyCD's "
+            "logits are cosines in [-1, 1], so its softmaxes are nearly uniform and the teacher's similarities "
+            "barely shape the target; use a temperature of about 0.01 (1 / CLIP's logit scale of 100), "
+            "or feature_space 'raw'", ConfigWarning, stacklevel=2)
+
     # ------------------------------------------------------------------------------- resolution
     def resolved(self) -> "RunConfig":
         """A validated copy with every preset-dependent ``None`` filled in and a run name."""
@@ -236,7 +283,9 @@ class RunConfig:
             cfg.data = DEFAULT_DATA
         if cfg.run_name is None:
             cfg.run_name = f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
-        return cfg.validate()
+        cfg.validate()
+        cfg._warn_about_flat_hycd()
+        return cfg
 
     @property
     def run_dir(self) -> Path:
@@ -278,11 +327,12 @@ class RunConfig:
 
 # One line of help per option: used by the CLI's --help, the notebooks' parameter help and docs/options.md.
 FIELD_HELP: dict[str, str] = {
-    "method": f"post-pre-training method: {', '.join(METHOD_NAMES)}",
+    "method": f"post-pre-training method: {', '.join(METHOD_NAMES)}, or one added with methods.register_method",
     "preset": "scale preset: default (embedded world, tiny ViT) or micro (seconds; tests/CI); "
               "default: $CLIP_REFINE_LAB_PRESET or 'default'",
     "alpha": "HyCD mixing weight of the one-hot target, in [0, 1] (0 = Self-KD, 1 = contrastive CE)",
-    "temperature": "HyCD softmax temperature T (> 0); 1 on raw features as in the released code",
+    "temperature": "HyCD softmax temperature T (> 0); 1 on raw features as in the released code; about 0.01 "
+                   "on normalized features (cosine logits; T >= 0.5 there gives a warning)",
     "feature_space": "features RaFA/HyCD act on: raw (released code) or normalized (paper's text)",
     "rafa_weight": "weight of L_RaFA (lambda_RaFA)",
     "hycd_weight": "weight of L_HyCD (lambda_HyCD)",

@@ -40,12 +40,18 @@ __all__ = [
     "classification_metrics",
     "zero_shot_average",
     "retrieval_metrics",
+    "RETRIEVAL_TIES",
+    "DEFAULT_RETRIEVAL_TIES",
     "shift_along_gap",
     "linear_probe",
 ]
 
 NORMALIZE_EPS = 1e-12
 _ROW_BLOCK = 8192  # rows per block for linear-time reductions (normalise + sum)
+
+# How retrieval ranks a correct item that ties with incorrect ones (see retrieval_metrics).
+RETRIEVAL_TIES = ("index", "optimistic", "pessimistic")
+DEFAULT_RETRIEVAL_TIES = "index"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,12 +354,30 @@ def _count_greater(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tenso
     return torch.gt(scores, threshold).sum(dim=1, dtype=torch.int32)
 
 
+def _ranks(scores: torch.Tensor, best: torch.Tensor, first_best: torch.Tensor, num_best: torch.Tensor,
+           ties: str) -> torch.Tensor:
+    """1-based rank of each row's first correct item under a tie rule (see :func:`retrieval_metrics`).
+
+    ``best`` (rows, 1): the highest correct score of each row; ``first_best``: the lowest index of a
+    correct item scoring ``best``; ``num_best``: how many correct items score ``best``."""
+    rank = 1 + _count_greater(scores, best).long()
+    if ties == "optimistic":
+        return rank
+    # ties are few (duplicates): list them instead of holding a second block-sized count
+    row, item = torch.eq(scores, best).nonzero(as_tuple=True)
+    if ties == "index":
+        return rank.index_add_(0, row, (item < first_best[row]).long())
+    # pessimistic: every incorrect item tied with the best correct one ranks above it
+    return rank.index_add_(0, row, torch.ones_like(row)) - num_best
+
+
 def retrieval_metrics(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     text_to_image: torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
     block_size: int = 1024,
+    ties: str = DEFAULT_RETRIEVAL_TIES,
 ) -> dict[str, float]:
     """Text→image and image→text recall@k and median rank, on cosine similarity.
 
@@ -362,10 +386,18 @@ def retrieval_metrics(
 
     - Text query: its one correct image. Image query: any of its captions; the rank of an image
       query is the rank of its best-scoring caption (the first correct item in the ranking).
-    - rank = 1 + #(items scoring strictly higher than the correct item's score). Ties therefore
-      favour the query: an incorrect item with exactly the correct score does not push it down.
-      The correct score is read from the same similarity block as the others, so it is compared
-      bit-for-bit consistently.
+    - Items rank by decreasing score. ``ties`` decides where a correct item goes among incorrect
+      items with exactly its score (bit-for-bit: every score of a query comes from the same block):
+
+      * ``"index"`` (default): tied items rank by their index, lower first, as a stable descending
+        sort orders them. This is CLIP_benchmark's rule: it keeps exactly k items per query with
+        ``torch.topk``, which on CUDA fills the places left to tied scores with the lowest indices.
+        rank = 1 + #(scores > s) + #(items before the first correct item scoring s, with score s).
+      * ``"optimistic"``: ties favour the query; rank = 1 + #(scores > s).
+      * ``"pessimistic"``: ties count against the query; rank = 1 + #(incorrect items scoring ≥ s).
+
+      Without ties the three agree. Ties arise from duplicates: a caption shared by several
+      images, or the same image listed twice.
     - ``t2i_R@k`` / ``i2t_R@k``: fraction of queries with rank ≤ k (for every k in ``ks``);
       ``t2i_median_rank`` / ``i2t_median_rank``: the median of the 1-based ranks (``np.median``,
       so the mean of the two middle ranks when the number of queries is even).
@@ -376,6 +408,8 @@ def retrieval_metrics(
     image_features = _as_features(image_features, "image_features")
     text_features = _as_features(text_features, "text_features")
     _check_same_dim(image_features, text_features, "image_features", "text_features")
+    if ties not in RETRIEVAL_TIES:
+        raise ValueError(f"ties must be one of {', '.join(RETRIEVAL_TIES)}; got {ties!r}")
     num_images, num_texts = image_features.shape[0], text_features.shape[0]
     text_to_image = torch.as_tensor(text_to_image, device=image_features.device)
     if text_to_image.ndim != 1 or text_to_image.shape[0] != num_texts:
@@ -402,15 +436,17 @@ def retrieval_metrics(
         raise ValueError(f"ks must be positive integers, got {ks}")
 
     dtype = _common_dtype(image_features, text_features)
+    device = image_features.device
 
-    # text → image: queries are texts, items are images
+    # text → image: queries are texts, items are images; one correct image per text
     images_unit = _normalized_copy(image_features, dtype)
-    t2i_ranks = torch.empty(num_texts, dtype=torch.long, device=image_features.device)
+    t2i_ranks = torch.empty(num_texts, dtype=torch.long, device=device)
     for start in range(0, num_texts, block_size):
         stop = min(start + block_size, num_texts)
         scores = normalize(text_features[start:stop].to(dtype)) @ images_unit.T
-        correct = scores.gather(1, text_to_image[start:stop, None])
-        t2i_ranks[start:stop] = 1 + _count_greater(scores, correct)
+        target = text_to_image[start:stop]
+        correct = scores.gather(1, target[:, None])
+        t2i_ranks[start:stop] = _ranks(scores, correct, target, torch.ones_like(target), ties)
         del scores, correct  # free this block before the next one is allocated
     del images_unit
 
@@ -418,18 +454,24 @@ def retrieval_metrics(
     # texts_by_image[first_caption[a]:first_caption[b]]
     texts_unit = _normalized_copy(text_features, dtype)
     texts_by_image = torch.argsort(text_to_image, stable=True)
-    first_caption = torch.zeros(num_images + 1, dtype=torch.long, device=image_features.device)
+    first_caption = torch.zeros(num_images + 1, dtype=torch.long, device=device)
     first_caption[1:] = torch.cumsum(captions_per_image, dim=0)
-    i2t_ranks = torch.empty(num_images, dtype=torch.long, device=image_features.device)
+    i2t_ranks = torch.empty(num_images, dtype=torch.long, device=device)
     for start in range(0, num_images, block_size):
         stop = min(start + block_size, num_images)
+        rows = stop - start
         scores = normalize(image_features[start:stop].to(dtype)) @ texts_unit.T
         caption_ids = texts_by_image[first_caption[start] : first_caption[stop]]
         caption_rows = text_to_image[caption_ids] - start
-        best_correct = torch.full((stop - start,), float("-inf"), dtype=dtype, device=scores.device)
-        best_correct.scatter_reduce_(0, caption_rows, scores[caption_rows, caption_ids], reduce="amax")
-        i2t_ranks[start:stop] = 1 + _count_greater(scores, best_correct[:, None])
-        del scores, best_correct
+        caption_scores = scores[caption_rows, caption_ids]
+        best = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+        best.scatter_reduce_(0, caption_rows, caption_scores, reduce="amax")
+        at_best = caption_scores == best[caption_rows]
+        first_best = torch.full((rows,), num_texts, dtype=torch.long, device=device)
+        first_best.scatter_reduce_(0, caption_rows[at_best], caption_ids[at_best], reduce="amin")
+        num_best = torch.zeros(rows, dtype=torch.long, device=device).index_add_(0, caption_rows, at_best.long())
+        i2t_ranks[start:stop] = _ranks(scores, best[:, None], first_best, num_best, ties)
+        del scores, best
     del texts_unit
 
     results: dict[str, float] = {}

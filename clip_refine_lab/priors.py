@@ -147,17 +147,22 @@ class FixedPrior(Prior):
         return f"FixedPrior(vector={_describe(self.vector)})"
 
 
-def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_statistics(features: torch.Tensor, *, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and standard deviation of an N×d feature matrix.
 
+    The statistics must be those of the space RaFA compares z with: the raw features for the
+    default raw-feature RaFA, the L2-normalised rows for ``feature_space="normalized"`` (pass
+    ``normalize=True``, which divides each row by its norm, as the loss does, before measuring). For
+    the "all" statistics pass the image and text features concatenated along dim 0.
+
     Accumulated in float64 and returned in the features' dtype. The std is the population one
-    (divide by N), the maximum-likelihood Gaussian fit; N = 1 gives std 0. Pass raw features for the
-    default raw-feature RaFA, normalised ones for ``normalize=True``; for the "all" statistics pass
-    the image and text features concatenated along dim 0.
+    (divide by N), the maximum-likelihood Gaussian fit; N = 1 gives std 0.
     """
     if features.dim() != 2 or features.shape[0] == 0:
         raise ValueError(f"feature_statistics expects a non-empty N×d matrix, got shape {tuple(features.shape)}")
     as_float64 = features.detach().to(torch.float64)
+    if normalize:
+        as_float64 = torch.nn.functional.normalize(as_float64, dim=-1)
     mean = as_float64.mean(dim=0)
     std = as_float64.std(dim=0, unbiased=False)
     out_dtype = features.dtype if features.is_floating_point() else torch.get_default_dtype()
@@ -180,7 +185,7 @@ def build_prior(
     - ``"uniform"``: U(low, high).
     - ``"text-stats"`` / ``"image-stats"`` / ``"all-stats"``: N(μ, diag(s²)) with (μ, s) =
       ``stats["text"|"image"|"all"]``, as computed by :func:`feature_statistics` on the pre-trained
-      model's features.
+      model's features in the run's feature space.
     - ``"fixed"``: every row of z equals ``vector``.
 
     ``sigma`` and ``mean`` apply to "normal" only; ``low``/``high`` to "uniform" only.

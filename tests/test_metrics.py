@@ -311,11 +311,101 @@ def test_retrieval_multiple_captions_any_caption_hits():
     assert set(result) == {"t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5", "t2i_median_rank", "i2t_median_rank"}
 
 
-def test_retrieval_ties_favour_the_query():
+def test_retrieval_tie_rules_on_duplicated_images_and_captions():
     images = f64([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # images 0 and 1 identical
-    texts = f64([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
-    result = M.retrieval_metrics(images, texts, torch.tensor([0, 1, 2]))
-    assert result["t2i_R@1"] == 1.0 and result["i2t_R@1"] == 1.0
+    texts = f64([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])  # captions 0 and 1 identical after normalising
+    # every query of images 0/1 and captions 0/1 ties its correct item with one incorrect item:
+    # index rule: the lower index wins (query 0 ranks 1st, query 1 ranks 2nd); optimistic: both 1st;
+    # pessimistic: both 2nd. Image 2 / caption 2 rank 1st under every rule.
+    expected = {"index": (2 / 3, 1.0), "optimistic": (1.0, 1.0), "pessimistic": (1 / 3, 2.0)}
+    for ties, (recall, median) in expected.items():
+        result = M.retrieval_metrics(images, texts, torch.tensor([0, 1, 2]), ks=(1, 2), ties=ties)
+        for direction in ("t2i", "i2t"):
+            assert result[f"{direction}_R@1"] == pytest.approx(recall), (ties, direction)
+            assert result[f"{direction}_median_rank"] == median, (ties, direction)
+            assert result[f"{direction}_R@2"] == 1.0
+    assert M.retrieval_metrics(images, texts, torch.tensor([0, 1, 2])) == \
+        M.retrieval_metrics(images, texts, torch.tensor([0, 1, 2]), ties="index")
+
+
+def test_retrieval_tie_rules_with_several_tied_captions_of_one_image():
+    images = f64([[1.0, 0.0], [0.6, 0.8]])
+    # caption 0 belongs to image 1 but equals the two captions of image 0: all three tie for both images
+    texts = f64([[1.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    text_to_image = torch.tensor([1, 0, 0])
+    # image 0: best captions 1 and 2, caption 0 (not its own) tied with them and listed first
+    #   index: 2 (caption 0 comes first), optimistic: 1, pessimistic: 1 + one incorrect tied = 2
+    # image 1: its caption 0 ties with captions 1 and 2
+    #   index: 1 (caption 0 is first), optimistic: 1, pessimistic: 1 + two incorrect tied = 3
+    expected = {"index": [2, 1], "optimistic": [1, 1], "pessimistic": [2, 3]}
+    for ties, ranks in expected.items():
+        result = M.retrieval_metrics(images, texts, text_to_image, ks=(1, 2), ties=ties)
+        assert result["i2t_R@1"] == pytest.approx(np.mean(np.array(ranks) <= 1)), ties
+        assert result["i2t_R@2"] == pytest.approx(np.mean(np.array(ranks) <= 2)), ties
+        assert result["i2t_median_rank"] == float(np.median(ranks)), ties
+        # texts → images has no tie: caption 0 ranks image 1 second, the others rank theirs first
+        assert result["t2i_R@1"] == pytest.approx(2 / 3) and result["t2i_R@2"] == 1.0
+
+
+def test_retrieval_tie_rule_is_checked():
+    images, texts = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="ties must be one of index, optimistic, pessimistic; got 'random'"):
+        M.retrieval_metrics(images, texts, torch.arange(3), ties="random")
+
+
+def quarter_unit_vectors(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    """Unit vectors with four entries of ±1/2: every cosine between them is a multiple of 1/4, exact in
+    float64, so ties are exact in any order of computation."""
+    out = torch.zeros(n, dim, dtype=torch.float64)
+    for row in range(n):
+        where = torch.randperm(dim, generator=gen)[:4]
+        out[row, where] = 0.5 * (1 - 2 * torch.randint(0, 2, (4,), generator=gen)).double()
+    return out
+
+
+def clip_benchmark_recall(scores: torch.Tensor, positive: torch.Tensor, k: int, select) -> float:
+    """CLIP_benchmark's recall@k: a query is a hit when one of the k items ``select`` keeps is positive."""
+    kept = select(scores, k)
+    return float(positive.gather(1, kept).any(dim=1).double().mean())
+
+
+def torch_topk(scores, k):
+    return torch.topk(scores, k, dim=1).indices
+
+
+def stable_descending(scores, k):
+    """torch.topk as CUDA computes it: tied scores at the k-th place keep the lowest indices."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def test_retrieval_default_ties_equal_clip_benchmark_topk():
+    gen = torch.Generator().manual_seed(3)
+    images = quarter_unit_vectors(128, 12, gen)
+    images[112:] = images[:16]  # duplicated images: text→image ties
+    text_to_image = torch.cat([torch.arange(128), torch.randint(0, 128, (64,), generator=gen)])
+    texts = quarter_unit_vectors(192, 12, gen)
+    texts[:128] = torch.where(torch.rand(128, 1, generator=gen) < 0.7, images, texts[:128])  # many exact matches
+    texts[160:] = texts[128:160]  # captions shared by two images: image→text ties
+    order = torch.randperm(192, generator=gen)
+    texts, text_to_image = texts[order], text_to_image[order]
+
+    scores = texts @ images.T  # already unit vectors
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(192), text_to_image] = True
+    result = M.retrieval_metrics(images, texts, text_to_image, ks=(1, 5, 10), block_size=50)
+    # k = 1 with at least 64 items per query: CPU torch.topk keeps the first of the tied maxima
+    assert result["t2i_R@1"] == clip_benchmark_recall(scores, positive, 1, torch_topk)
+    assert result["i2t_R@1"] == clip_benchmark_recall(scores.T, positive.T, 1, torch_topk)
+    for k in (1, 5, 10):
+        assert result[f"t2i_R@{k}"] == clip_benchmark_recall(scores, positive, k, stable_descending)
+        assert result[f"i2t_R@{k}"] == clip_benchmark_recall(scores.T, positive.T, k, stable_descending)
+    optimistic = M.retrieval_metrics(images, texts, text_to_image, ties="optimistic")
+    pessimistic = M.retrieval_metrics(images, texts, text_to_image, ties="pessimistic")
+    for key in ("t2i_R@1", "i2t_R@1"):
+        assert optimistic[key] > result[key] > pessimistic[key], key  # the ties matter in this case
+    for key in result:
+        if "R@" in key:
+            assert optimistic[key] >= result[key] >= pessimistic[key], key
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 1024])

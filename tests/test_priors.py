@@ -168,3 +168,77 @@ def test_factory_error_messages():
         build_prior("image-stats", stats=stats)
     with pytest.raises(ValueError, match=r"prior 'fixed' needs vector="):
         build_prior("fixed")
+
+
+# ------------------------------------------------------------------------------- the run's feature space
+def _raw_features():
+    gen = _generator(11)
+    image = torch.randn(40, DIM, generator=gen) * 4 + 3  # norms far from 1: the two spaces differ
+    text = torch.randn(60, DIM, generator=gen) * 2 - 1
+    return image, text
+
+
+def _direct(features: torch.Tensor, normalize: bool):
+    x = features.double()
+    if normalize:
+        x = x / x.norm(dim=-1, keepdim=True)
+    return x.mean(0).float(), x.std(0, unbiased=False).float()
+
+
+def test_feature_statistics_of_normalized_rows():
+    image, _ = _raw_features()
+    mean, std = feature_statistics(image, normalize=True)
+    direct_mean, direct_std = _direct(image, normalize=True)
+    torch.testing.assert_close(mean, direct_mean)
+    torch.testing.assert_close(std, direct_std)
+    raw_mean, raw_std = feature_statistics(image)
+    assert (mean - raw_mean).abs().min() > 0.5 and (std - raw_std).abs().min() > 0.5
+
+
+def test_prior_statistics_are_measured_in_the_run_space_and_never_reused_across_spaces(tmp_path):
+    from safetensors import safe_open
+
+    from clip_refine_lab.training.caches import PRIOR_STATS_FILE, prior_statistics
+
+    image, text = _raw_features()
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return image, text
+
+    def stats(space):
+        return prior_statistics(tmp_path, compute, rank=0, device=torch.device("cpu"), progress=False,
+                                feature_space=space)
+
+    def header():
+        with safe_open(str(tmp_path / PRIOR_STATS_FILE), framework="pt") as f:
+            return f.metadata()["feature_space"]
+
+    for space in ("normalized", "raw"):
+        before = len(calls)
+        measured = stats(space)
+        assert len(calls) == before + 1, f"{space}: a file of the other space must be measured again"
+        assert header() == space
+        again = stats(space)
+        assert len(calls) == before + 1, f"{space}: the file of the same space must be read back"
+        assert all(torch.equal(again[k][i], measured[k][i]) for k in again for i in (0, 1))
+        for key, feats in (("image", image), ("text", text), ("all", torch.cat([image, text]))):
+            for got, want in zip(stats(space)[key], _direct(feats, normalize=space == "normalized")):
+                torch.testing.assert_close(got, want)
+    normalized, raw = stats("normalized"), stats("raw")
+    assert all((normalized[k][0] - raw[k][0]).abs().max() > 0.5 for k in ("image", "text", "all"))
+
+
+def test_the_trainer_measures_the_prior_in_its_feature_space(tmp_path, micro_base):
+    from clip_refine_lab.config import RunConfig
+    from clip_refine_lab.training.loop import Refiner
+
+    cfg = RunConfig(preset="micro", output_dir=str(tmp_path), run_name="r", prior="text-stats",
+                    feature_space="normalized", temperature=0.01, max_steps=1).resolved()
+    refiner = Refiner(cfg, progress=False)
+    _, text = refiner.source.stats_features(refiner.model, progress=False)
+    mean, std = _direct(text, normalize=True)
+    torch.testing.assert_close(refiner.prior.mean.float(), mean)
+    torch.testing.assert_close(refiner.prior.std.float(), std)
+    assert float(mean.norm()) < 1.0  # the mean of unit vectors, not of raw features

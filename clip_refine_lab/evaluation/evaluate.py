@@ -22,8 +22,9 @@ from ..data.manifest import load_manifest
 from ..distributed import resolve_device
 from ..embedded.base import resolve_pretrained
 from ..features import FeatureSet, dataset_features, weights_fingerprint
-from ..metrics import (alignment, class_embeddings, classification_metrics, gap_vector, linear_probe, modality_gap,
-                       pooled_uniformity, retrieval_metrics, shift_along_gap, zero_shot_logits)
+from ..metrics import (DEFAULT_RETRIEVAL_TIES, alignment, class_embeddings, classification_metrics, gap_vector,
+                       linear_probe, modality_gap, pooled_uniformity, retrieval_metrics, shift_along_gap,
+                       zero_shot_logits)
 from ..models.loading import EMBEDDED_TAG, LoadedModel, load_model, reload_spec
 from ..progress import progress_bar, stage
 from ..rundir import load_run_spec, run_config
@@ -39,8 +40,10 @@ def zero_shot_scores(fs: FeatureSet) -> dict[str, float]:
     return classification_metrics(logits, fs.labels)
 
 
-def retrieval_scores(fs: FeatureSet) -> dict[str, float]:
-    return retrieval_metrics(fs.image, fs.text, fs.text_to_image)
+def retrieval_scores(fs: FeatureSet, ties: str = DEFAULT_RETRIEVAL_TIES) -> dict[str, float]:
+    """Recall@k and median ranks; ``ties``: the rule for tied scores
+    (:func:`clip_refine_lab.metrics.retrieval_metrics`)."""
+    return retrieval_metrics(fs.image, fs.text, fs.text_to_image, ties=ties)
 
 
 def first_caption_pairs(fs: FeatureSet) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,9 @@
 * Teacher features: the teacher is frozen and the eval preprocessing deterministic, so the features
   a teacher forward pass would give at each step (fp32) are those of the one feature cache,
   computed once per teacher and data set and reused across epochs and across every run of a sweep.
-* Prior statistics: the per-dimension mean and std of the starting model's raw features, for the
-  ``*-stats`` priors; computed once per run and kept in ``prior_stats.safetensors``.
+* Prior statistics: the per-dimension mean and std of the starting model's features in the run's
+  feature space (raw, or L2-normalised), for the ``*-stats`` priors; computed once per run and kept
+  in ``prior_stats.safetensors``, whose header records the space.
 """
 
 from __future__ import annotations
@@ -68,23 +69,38 @@ class TeacherFeatures:
 
 
 def prior_statistics(run_dir: Path, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, rank: int,
-                     device: torch.device, progress: bool) -> dict:
-    """{"image"|"text"|"all": (mean, std)} of the starting model's raw features, once per run.
+                     device: torch.device, progress: bool, feature_space: str = "raw") -> dict:
+    """{"image"|"text"|"all": (mean, std)} of the starting model's features in ``feature_space``, once per run.
 
-    ``compute()`` returns the raw image and text features; rank 0 writes the statistics to the run
-    directory, where a resumed run finds them."""
+    ``compute()`` returns the raw image and text features; with ``feature_space="normalized"`` the
+    statistics are those of their L2-normalised rows, the space RaFA then compares z with. Rank 0
+    writes them to the run directory with the space in the file's header, where a resumed run finds
+    them; a file measured in the other space (or one without the header) is measured again, never
+    reused."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     path = run_dir / PRIOR_STATS_FILE
-    if not path.is_file():
-        stage("Measuring the starting model's feature statistics for the prior", enabled=progress)
+
+    def saved() -> dict | None:
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            space = (f.metadata() or {}).get("feature_space")
+        return load_file(str(path)) if space == feature_space else None
+
+    tensors = saved()
+    if tensors is None:
+        stage(f"Measuring the starting model's {feature_space} feature statistics for the prior", enabled=progress)
         image, text = compute()
-        tensors = {}
+        measured = {}
+        normalize = feature_space == "normalized"
         for key, feats in (("image", image), ("text", text), ("all", torch.cat([image, text]))):
-            mean, std = feature_statistics(feats)
-            tensors[f"{key}_mean"], tensors[f"{key}_std"] = mean.contiguous(), std.contiguous()
+            mean, std = feature_statistics(feats, normalize=normalize)
+            measured[f"{key}_mean"], measured[f"{key}_std"] = mean.contiguous(), std.contiguous()
         if rank == 0:
             with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp))
-    t = load_file(str(path)) if path.is_file() else tensors
-    return {k: (t[f"{k}_mean"].to(device), t[f"{k}_std"].to(device)) for k in ("image", "text", "all")}
+                save_file(measured, str(tmp), metadata={"feature_space": feature_space})
+        # every rank takes rank 0's file once it is there, so all of them draw z from the same numbers
+        tensors = saved() or measured
+    return {k: (tensors[f"{k}_mean"].to(device), tensors[f"{k}_std"].to(device)) for k in ("image", "text", "all")}

@@ -143,7 +143,8 @@ class Refiner:
         stats = None
         if cfg.prior.endswith("-stats"):
             stats = prior_statistics(self.run_dir, lambda: self.source.stats_features(self.model, progress=self.progress),
-                                     rank=self.rank, device=self.device, progress=self.progress and self.rank == 0)
+                                     rank=self.rank, device=self.device, progress=self.progress and self.rank == 0,
+                                     feature_space=cfg.feature_space)
         return build_prior(cfg.prior, sigma=cfg.prior_sigma, mean=cfg.prior_mean, low=cfg.prior_low,
                            high=cfg.prior_high, vector=cfg.prior_vector, stats=stats)
 
