@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig, preset_name
 from .models.checkpoints import ModelSpec
-from .utils import atomic_write, read_jsonl
+from .utils import atomic_write, disk_full_error, is_disk_full, read_jsonl
 
 OUTPUT_ROOT_ENV = "CLIP_REFINE_LAB_OUTPUT_ROOT"
 LOG_FILE = "log.jsonl"
@@ -154,6 +154,10 @@ def make_run_dir(run_dir: Path) -> None:
                           f"(or --run-name) for {run_dir}") from None
     except PermissionError:
         raise ConfigError(f"output_dir: no permission to create {run_dir}; choose another --output-dir") from None
+    except OSError as e:
+        if is_disk_full(e, run_dir.parent):
+            raise disk_full_error(run_dir) from None
+        raise
 
 
 class RunLock:
@@ -169,9 +173,18 @@ class RunLock:
 
     @classmethod
     def acquire(cls, run_dir: str | os.PathLike) -> "RunLock":
+        run_dir = Path(run_dir)
+        try:
+            return cls._acquire(run_dir)
+        except OSError as e:
+            if is_disk_full(e, run_dir):
+                raise disk_full_error(run_dir / LOCK_FILE) from None
+            raise
+
+    @classmethod
+    def _acquire(cls, run_dir: Path) -> "RunLock":
         import fcntl
 
-        run_dir = Path(run_dir)
         path = run_dir / LOCK_FILE
         while True:
             make_run_dir(run_dir)  # again after a release that removed the (empty) directory
@@ -187,8 +200,12 @@ class RunLock:
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
                     break
             os.close(fd)  # locked a lock file that its holder removed meanwhile: take the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            os.close(fd)
+            raise
         return cls(run_dir, fd)
 
     def release(self) -> None:

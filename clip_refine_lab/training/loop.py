@@ -429,10 +429,11 @@ def own_run_dir(run_dir: Path, *, restart: bool = False):
     if world > 1:
         import torch.distributed as dist
 
-        message = [None if refused is None else str(refused)]
+        message = [None if refused is None else (isinstance(refused, RunInUseError), str(refused))]
         dist.broadcast_object_list(message, src=0)
         if refused is None and message[0] is not None:
-            refused = RunInUseError(message[0])
+            in_use, text = message[0]
+            refused = (RunInUseError if in_use else ConfigError)(text)
     if refused is not None:
         raise refused
     try:
