@@ -1,13 +1,16 @@
 """Command line: ``clip-refine-lab {refine,pretrain,world,eval,compare,data} ...``.
 
 Every option of ``refine`` is a field of :class:`~clip_refine_lab.config.RunConfig` (``--help``
-lists them all); ``--config run.yaml`` loads a YAML file first and flags override it.
+lists them all); ``--config run.yaml`` loads a YAML file first and flags override it. Errors a user
+can fix (a bad option, manifest or checkpoint, a run in use, a full disk, a non-finite loss) are one
+line, ``clip-refine-lab: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import types
 import typing
@@ -39,11 +42,24 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_extra(text: str) -> tuple[str, typing.Any]:
+    """``KEY=VALUE`` of ``--extra``: VALUE as JSON when it parses (3, true, [1, 2]), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(RunConfig)
     group = parser.add_argument_group("run options (RunConfig fields)")
     for f in dataclasses.fields(RunConfig):
         if f.name == "extra":
+            group.add_argument("--extra", dest="extra", action="append", type=_parse_extra, default=argparse.SUPPRESS,
+                               metavar="KEY=VALUE", help=f"{FIELD_HELP['extra']}; one note per flag, repeatable")
             continue
         kwargs, _ = _field_parser(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -54,7 +70,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = RunConfig.from_yaml(args.config).to_dict() if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    if "extra" in flags:  # notes from flags add to those of the YAML file
+        flags["extra"] = {**values.get("extra", {}), **dict(flags["extra"])}
+    values.update(flags)
     return RunConfig.from_dict(values, where="command line")
 
 
@@ -65,7 +84,7 @@ def cmd_refine(args) -> int:
 
     init_distributed_from_env()
     cfg = config_from_args(args)
-    run_dir = refine(cfg, progress=not args.quiet, resume=args.resume)
+    run_dir = refine(cfg, progress=not args.quiet, resume=args.resume, restart=args.restart)
     print(run_dir)
     return 0
 
@@ -148,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of run options; flags override it")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue an interrupted run with the same run directory (default: on)")
+    p.add_argument("--restart", action="store_true",
+                   help="start the run over: remove what an earlier run wrote into its directory (checkpoints, "
+                        "log, weights, config.yaml), whatever its configuration")
     add_run_options(p)
     p.set_defaults(func=cmd_refine)
 
@@ -208,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data.manifest import ManifestError
     from .models.loading import ModelNotAvailableError
     from .training.state import NonFiniteLossError
+    from .utils import DiskFullError
 
     with warnings.catch_warnings():
         python_show = warnings.showwarning
@@ -222,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("once", ConfigWarning)
         try:
             return int(args.func(args) or 0)
-        except (ConfigError, ManifestError, ModelNotAvailableError, NonFiniteLossError, FileNotFoundError) as e:
+        # ConfigError covers its subclasses: RunInUseError, UnreadableCheckpointError, ParameterError
+        except (ConfigError, ManifestError, ModelNotAvailableError, NonFiniteLossError, DiskFullError,
+                FileNotFoundError) as e:
             print(f"clip-refine-lab: error: {e}", file=sys.stderr)
             return 2
 

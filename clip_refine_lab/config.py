@@ -108,6 +108,19 @@ def method_names() -> tuple[str, ...]:
     return tuple(registered_methods())
 
 
+RUN_NAME_RULE = ("a folder name: not empty, no '/' or '\\', not starting with '.' (so not '..'), "
+                 "no spaces at either end, no control characters")
+
+
+def check_run_name(name: Any) -> None:
+    """Refuse a run name that is not one folder inside output_dir (empty, a path, hidden, '..')."""
+    ok = (isinstance(name, str) and name.strip() == name and name != "" and not name.startswith(".")
+          and "/" not in name and "\\" not in name and os.sep not in name
+          and not any(ord(c) < 32 or ord(c) == 127 for c in name))
+    if not ok:
+        raise ConfigError(f"run_name must be {RUN_NAME_RULE}; got {name!r}")
+
+
 @dataclass
 class RunConfig:
     """Every option of a post-pre-training run; docs/options.md lists each with its meaning."""
@@ -247,6 +260,10 @@ class RunConfig:
         if self.leakage_suite is not None and (not isinstance(self.leakage_suite, str) or not self.leakage_suite.strip()):
             raise ConfigError(f"leakage_suite must be the path of a suite YAML file or null, got {self.leakage_suite!r}")
         number("log_every", 1, integer=True)
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            raise ConfigError(f"output_dir must be a folder path, got {self.output_dir!r}")
+        if self.run_name is not None:
+            check_run_name(self.run_name)
         return self
 
     def _warn_about_flat_hycd(self) -> None:
@@ -384,7 +401,7 @@ FIELD_HELP: dict[str, str] = {
     "output_dir": "folder holding run directories",
     "run_name": "run directory name (default: method, time and seed)",
     "log_every": "write a log line every N steps",
-    "extra": "free-form notes recorded with the run (YAML mapping)",
+    "extra": "free-form notes recorded with the run (a YAML mapping; not compared on resume)",
 }
 
 
@@ -427,14 +444,15 @@ def options_markdown() -> str:
         "`clip-refine-lab refine` (`--help` lists them) and a parameter of `notebooks/02_refine.ipynb`",
         "(the main ones by name, any other through `-p options '{\"weight_decay\": 0.0}'`). A YAML file of",
         "options (`--config run.yaml`, flags override it) round-trips with `RunConfig.to_yaml` / `from_yaml`.",
-        "Boolean flags take `true` or `false`; list flags take several numbers (`--prior-vector 0.5 -1 ...`).",
+        "Boolean flags take `true` or `false`; list flags take several numbers (`--prior-vector 0.5 -1 ...`);",
+        "`--extra KEY=VALUE` adds one note (VALUE read as JSON when it parses, e.g. `3` or `[1, 2]`, else as text).",
         "Invalid values are refused with the field named, e.g. `alpha must be in [0, 1], got 1.5`.",
         "",
         "| field | CLI flag | type | default | meaning |",
         "|---|---|---|---|---|",
     ]
     for f in fields(RunConfig):
-        flag = "none: `--config` YAML only" if f.name == "extra" else _code(f"--{f.name.replace('_', '-')}")
+        flag = "`--extra KEY=VALUE` (repeatable)" if f.name == "extra" else _code(f"--{f.name.replace('_', '-')}")
         row = (_code(f.name), flag, _code(f.type), _field_default(f), FIELD_HELP[f.name])
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     preset_fields = [pf.name for pf in fields(Preset) if pf.name != "name"]

@@ -16,10 +16,14 @@ One readable loop in the spirit of nanoGPT's train.py. Per step:
 5. with several processes (torchrun), features are all-gathered with gradient for the local slice,
    every rank computes the global-batch loss times the world size, and gradients are averaged:
    the result equals the single-process gradient of the global batch;
-6. a non-finite loss term stops the run naming the step and the term; checkpoints written before
-   stay as they are (:mod:`.state`);
+6. a non-finite loss term stops the run naming the step and the term, and so do a non-finite
+   validation loss or parameter before any checkpoint is written; checkpoints written before stay as
+   they are (:mod:`.state`);
 7. AdamW step, logging (JSONL + progress bar), validation with best-checkpoint selection (the
    released code keeps the checkpoint with the lowest validation loss), periodic atomic checkpoints.
+
+One process owns the run directory while it trains (:class:`clip_refine_lab.rundir.RunLock`, taken by
+:func:`refine` before anything is written; with torchrun, by rank 0 for all ranks).
 
 The run directory's layout is :mod:`clip_refine_lab.rundir`'s; this loop also writes
 ``prior_stats.safetensors`` (the *-stats priors' statistics) and ``leakage.json`` (image-id overlap
@@ -48,11 +52,11 @@ from ..models.speed import compile_towers, train_with_frozen_batch_norm, use_cha
 from ..optim import build_adamw, clamp_logit_scale, lr_at, set_lr
 from ..priors import build_prior
 from ..progress import progress_bar, stage
-from ..rundir import truncate_log
+from ..rundir import RunInUseError, RunLock, discard_run, truncate_log
 from ..utils import append_jsonl, atomic_write_json, read_jsonl, seed_everything
 from .caches import TeacherFeatures, prior_statistics
 from .sources import is_manifest_path, open_source, resolve_data
-from .state import check_finite, load_state, run_is_complete, save_state
+from .state import check_finite, check_parameters, check_validation_loss, load_state, run_is_complete, save_state
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -288,7 +292,8 @@ class Refiner:
         return total / count if count else None
 
     # ------------------------------------------------------------------------------ writing
-    def save_weights(self, name: str) -> None:
+    def save_weights(self, name: str, step: int) -> None:
+        check_parameters(self.model, step, self.run_dir)  # on every rank: all stop together
         if self.rank == 0:
             save_checkpoint(self.model, self.run_dir / name, self.base.spec, method=self.cfg.method)
 
@@ -299,10 +304,11 @@ class Refiner:
 
     def _validate_and_keep_best(self, log_path: Path, step: int, best_val: float | None) -> float | None:
         val = self.validate()
+        check_validation_loss(val, step, self.run_dir)
         improved = val is not None and (best_val is None or val < best_val)
         if improved:
             best_val = val
-            self.save_weights("model_best.safetensors")
+            self.save_weights("model_best.safetensors", step)
         if self.rank == 0 and val is not None:
             self._emit(log_path, {"kind": "val", "step": step, "val_loss": val, "best": improved})
         return best_val
@@ -319,7 +325,8 @@ class Refiner:
         if step == 0 and self.has_val:
             # the starting model is a candidate too: a run that only gets worse keeps it
             best_val = self.validate()
-            self.save_weights("model_best.safetensors")
+            check_validation_loss(best_val, 0, self.run_dir)
+            self.save_weights("model_best.safetensors", 0)
             if self.rank == 0:
                 self._emit(log_path, {"kind": "val", "step": 0, "val_loss": best_val, "best": True})
         if self.source.skipped:
@@ -354,12 +361,14 @@ class Refiner:
             bar.update(1)
             if step % self.val_every == 0 or step == self.total_steps:
                 best_val = self._validate_and_keep_best(log_path, step, best_val)
-            if (step % self.checkpoint_every == 0 or step == self.total_steps) and self.rank == 0:
-                save_state(self.run_dir, self.model, self.optimizer, self.scaler, step, best_val)
+            if step % self.checkpoint_every == 0 or step == self.total_steps:
+                check_parameters(self.model, step, self.run_dir)
+                if self.rank == 0:
+                    save_state(self.run_dir, self.model, self.optimizer, self.scaler, step, best_val)
         bar.close()
-        self.save_weights("model_final.safetensors")
+        self.save_weights("model_final.safetensors", step)
         if not self.has_val:
-            self.save_weights("model_best.safetensors")
+            self.save_weights("model_best.safetensors", step)
         if self.rank == 0:
             summary = {"steps": step, "best_val_loss": best_val, "skipped_samples": self.source.skipped,
                        "train_pairs": self.source.num_train_pairs, "val_pairs": self.source.num_val_pairs,
@@ -402,7 +411,41 @@ def check_leakage(cfg: RunConfig, source, run_dir: Path, log_path: Path) -> None
 
 
 # ------------------------------------------------------------------------------------ entry point
-def refine(config: RunConfig, *, progress: bool = True, resume: bool = True, callback=None) -> Path:
+@contextlib.contextmanager
+def own_run_dir(run_dir: Path, *, restart: bool = False):
+    """Hold the run directory's lock while the block runs (rank 0 takes it for every rank of a
+    torchrun launch, so a refused launch stops on all ranks at once); with ``restart``, what an
+    earlier run wrote there is removed first."""
+    rank, world = world_info()
+    lock, refused = None, None
+    if rank == 0:
+        try:
+            lock = RunLock.acquire(run_dir)
+            if restart:
+                removed = discard_run(run_dir)
+                if removed:
+                    print(f"restart: removed {', '.join(removed)} from {run_dir}")
+        except ConfigError as e:
+            refused = e
+    if world > 1:
+        import torch.distributed as dist
+
+        message = [None if refused is None else (isinstance(refused, RunInUseError), str(refused))]
+        dist.broadcast_object_list(message, src=0)
+        if refused is None and message[0] is not None:
+            in_use, text = message[0]
+            refused = (RunInUseError if in_use else ConfigError)(text)
+    if refused is not None:
+        raise refused
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def refine(config: RunConfig, *, progress: bool = True, resume: bool = True, restart: bool = False,
+           callback=None) -> Path:
     """Run post-pre-training as configured and return the run directory.
 
     ``callback(record)`` receives every log record as it is written (train steps and validations),
@@ -410,22 +453,26 @@ def refine(config: RunConfig, *, progress: bool = True, resume: bool = True, cal
 
     An existing run directory with the same configuration is resumed from its last checkpoint
     (``resume=False`` refuses instead); a complete one (``summary.json``) is returned as is.
+    ``restart=True`` removes what an earlier run wrote into the directory (checkpoints, log, weights,
+    config) and starts over, whatever its configuration was. A run directory is used by one process
+    at a time: another process (or another call) already running it makes this one fail at once with
+    :class:`~clip_refine_lab.rundir.RunInUseError`.
     The embedded world and base model are built first when the run needs them and they are not
     cached yet (each announced with one line).
     """
     cfg = config.resolved()
-    if run_is_complete(cfg, resume=resume):
-        return cfg.run_dir
     rank, world = world_info()
-    if world > 1 and cfg.run_name is None:
+    if world > 1 and config.run_name is None:
         raise ConfigError("with several processes, set run_name so that every rank writes the same run")
-    if not is_manifest_path(str(cfg.data)):
-        ensure_world(cfg.preset, progress=progress and rank == 0)
-    if cfg.pretrained == EMBEDDED_TAG:
-        ensure_base(cfg.model, world_preset=cfg.preset, progress=progress and rank == 0)
-    refiner = Refiner(cfg, progress=progress, callback=callback)
-    if refiner.rank == 0:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(cfg.run_dir / "config.yaml")
-        atomic_write_json(cfg.run_dir / "base.json", asdict(refiner.base.spec))
-    return refiner.run()
+    with own_run_dir(cfg.run_dir, restart=restart):
+        if run_is_complete(cfg, resume=resume):
+            return cfg.run_dir
+        if not is_manifest_path(str(cfg.data)):
+            ensure_world(cfg.preset, progress=progress and rank == 0)
+        if cfg.pretrained == EMBEDDED_TAG:
+            ensure_base(cfg.model, world_preset=cfg.preset, progress=progress and rank == 0)
+        refiner = Refiner(cfg, progress=progress, callback=callback)
+        if refiner.rank == 0:
+            cfg.to_yaml(cfg.run_dir / "config.yaml")
+            atomic_write_json(cfg.run_dir / "base.json", asdict(refiner.base.spec))
+        return refiner.run()

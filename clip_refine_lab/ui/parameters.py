@@ -8,6 +8,10 @@ one clear line::
 
     ParameterError: 02_refine: alpha must be in [0, 1], got 1.5
 
+Papermill passes ``-p runs '["a", "b"]'`` as the *string* ``'["a", "b"]'``: a parameter that takes a
+list (or a dict, like ``options``) also takes such a string, read as JSON or YAML flow syntax
+(``[a, b]``, ``{max_steps: 5}``), so the syntax the docs give works from the shell.
+
 Folders and files are resolved here too: ``output_dir`` through
 :func:`clip_refine_lab.rundir.resolve_output_dir` (``$CLIP_REFINE_LAB_OUTPUT_ROOT``, else the project
 root), manifests and specs through :func:`clip_refine_lab.rundir.resolve_path`.
@@ -21,6 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn
+
+import yaml
 
 from ..config import ConfigError, RunConfig, preset_name
 from ..rundir import resolve_output_dir, resolve_path
@@ -38,6 +44,29 @@ def looks_like_file(value: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- tests
+_OPENING = {"list": "[", "dict": "{"}
+_EXAMPLES = {"list": """-p runs '["run-a", "run-b"]'""", "dict": """-p options '{"max_steps": 5}'"""}
+
+
+def parse_text_value(value: Any, kind: str | None) -> Any:
+    """``value`` itself, or the list/dict that a string in JSON or YAML flow syntax spells (papermill
+    passes ``-p runs '["a", "b"]'`` as text). Raises ValueError naming the problem when it does not parse."""
+    if kind is None or not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text.startswith(_OPENING[kind]):
+        return value
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"could not read {value!r} as a {kind} ({first}); write it in JSON, e.g. "
+                         f"{_EXAMPLES[kind]}") from None
+    if not isinstance(parsed, list if kind == "list" else dict):
+        raise ValueError(f"could not read {value!r} as a {kind}")
+    return parsed
+
+
 def _is_str_list(v: Any) -> bool:
     return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
 
@@ -64,6 +93,7 @@ class Param:
     help: str
     check: Callable[[Any], str | None] | None = None  # value check: an error message or None
     convert: Callable[[Any], Any] | None = None
+    parse: str | None = None  # "list" or "dict": a string in JSON/YAML syntax is read as one (papermill -p)
 
 
 def _int_in(lo: int, hi: int | None = None) -> Callable[[Any], str | None]:
@@ -91,7 +121,7 @@ PARAMS: dict[str, Param] = {
     "runs": Param(lambda v: v is None or isinstance(v, str) or (_is_str_list(v) and len(v) > 0),
                   "None, a run name/path or a non-empty list of them",
                   "runs to show: names under output_dir or run directories; None = the latest finished run "
-                  "of the preset (a short one is made, saying so, when there is none)"),
+                  "of the preset (a short one is made, saying so, when there is none)", parse="list"),
     "run": Param(*_OPT_STR, "run to show: a name under output_dir or a run directory; None = the latest finished run"),
     "suite": Param(*_OPT_STR, "suite YAML for the headline metrics (zero_shot/retrieval/geometry lists); "
                               "None = the embedded world's suite (or the data manifest for a real model)"),
@@ -106,9 +136,10 @@ PARAMS: dict[str, Param] = {
     "n_neighbors": Param(*_INT, "UMAP n_neighbors", _int_in(2, 200)),
     "lambdas": Param(lambda v: isinstance(v, (list, tuple)) and all(_is_number(x) for x in v),
                      "a list of numbers", "shifts along the gap direction (0 = none; about ||gap|| closes it)",
-                     _at_least_two),
+                     _at_least_two, parse="list"),
     "options": Param(lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
-                     "a dict of RunConfig field: value", "any other RunConfig option, e.g. {'max_steps': 5}"),
+                     "a dict of RunConfig field: value", "any other RunConfig option, e.g. {'max_steps': 5}",
+                     parse="dict"),
     "live_plot": Param(*_BOOL, "True: a live plotly FigureWidget in JupyterLab (static figure elsewhere); "
                                "False: the static figure only"),
     "show_form": Param(*_BOOL, "show the interactive ipywidgets form"),
@@ -129,7 +160,8 @@ NOTEBOOK_OVERRIDES: dict[str, dict[str, Param]] = {
                             "sweep directory; None = the spec's output_dir, else runs/sweeps/<name>-<preset>",
                             convert=lambda v: None if v is None else resolve_output_dir(v)),
         "blocks": Param(lambda v: v is None or (_is_str_list(v) and len(v) > 0),
-                        "None or a non-empty list of block names", "blocks of the spec to run; None = all"),
+                        "None or a non-empty list of block names", "blocks of the spec to run; None = all",
+                        parse="list"),
         "max_runs": Param(lambda v: v is None or _is_int(v), "None or an integer",
                           "only the first N runs of the plan; None = all of them", _int_in(1)),
         "run": Param(*_BOOL, "True: run what has not finished; False: only show the tables of what has"),
@@ -204,6 +236,10 @@ def check_parameters(namespace: dict, notebook: str) -> Parameters:
     for name, value in values.items():
         p = _param(notebook, name)
         if p is not None:
+            try:
+                value = values[name] = parse_text_value(value, p.parse)
+            except ValueError as e:
+                fail(f"{name}: {e}")
             if not p.test(value):
                 fail(f"{name} must be {p.kind}, got {value!r}")
             if p.check is not None and value is not None:
