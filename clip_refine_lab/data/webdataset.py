@@ -28,6 +28,7 @@ from .manifest import (
     ManifestError,
     Record,
     expand_path,
+    record_error,
     register_reader,
 )
 
@@ -167,9 +168,18 @@ def read_webdataset(manifest: Manifest) -> Iterator[Record]:
     want = {cap_ext, lab_ext, "json"}
     for shard in manifest_shards(manifest):
         if not shard.is_file():
-            raise ManifestError(f"{manifest.path}: field 'shards': shard not found: {shard}")
-        for i, sample in enumerate(iter_tar_samples(shard, want=lambda e: e in want)):
-            yield _wds_record(sample, manifest.kind, img_exts, cap_ext, lab_ext, i)
+            record_error(ManifestError(f"{manifest.path}: field 'shards': shard not found: {shard}"))
+            continue
+        try:  # a corrupt shard is reported and the next one read (data check reports every one)
+            for i, sample in enumerate(iter_tar_samples(shard, want=lambda e: e in want)):
+                try:
+                    record = _wds_record(sample, manifest.kind, img_exts, cap_ext, lab_ext, i)
+                except ManifestError as e:
+                    record_error(e)
+                    continue
+                yield record
+        except ManifestError as e:
+            record_error(e)
 
 
 def manifest_num_samples(manifest: Manifest) -> int | None:
