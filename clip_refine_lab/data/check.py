@@ -354,12 +354,20 @@ def check_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None 
     (``record.source``: "file:line" or "file: images[i]").
     ``check_images=False`` skips opening images; ``workers`` threads decode images (default: up to 8).
     """
+    return check_manifest_records(path, data_root, max_offenders, progress, check_images=check_images,
+                                  workers=workers)[0]
+
+
+def check_manifest_records(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                           max_offenders: int = 20, progress: bool = True, *, check_images: bool = True,
+                           workers: int | None = None) -> tuple[CheckReport, list[Record]]:
+    """:func:`check_manifest`'s report and the records it read (for checks that go on with them)."""
     report = CheckReport(str(path), max_offenders=max_offenders)
     try:
         manifest = load_manifest(path, data_root=data_root)
     except ManifestError as e:
         _report_unloadable(path, e, report)
-        return report
+        return report, []
     report.name, report.kind, report.format_name = manifest.name, manifest.kind, manifest.format
     for key in unknown_fields(manifest.fields):
         report.add("unknown_field", str(manifest.path), None, unknown_field_message(key, manifest.format))
@@ -373,7 +381,7 @@ def check_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None 
     _check_records(manifest, records, report)
     if check_images and records:
         _check_images(records, report, progress, workers)
-    return report
+    return report, records
 
 
 def _report_unloadable(path: str | os.PathLike, error: ManifestError, report: CheckReport) -> None:

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import sys
 import tarfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -289,6 +290,7 @@ class WebDatasetPairs(_IterableDataset):
         self.on_bad_sample = on_bad_sample
         self.epoch = 0
         self.skipped = 0
+        self.manifest: Path | None = None  # named in the error about a bad sample
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, preprocess: Callable, tokenizer: Callable,
@@ -296,7 +298,9 @@ class WebDatasetPairs(_IterableDataset):
         """Stream a ``webdataset`` manifest: all its shards, or ``shards`` (a subset, e.g. the training ones)."""
         img_exts, cap_ext, _ = _wds_exts(manifest)
         shards = manifest_shards(manifest) if shards is None else shards
-        return cls([str(s) for s in shards], preprocess, tokenizer, image_ext=img_exts, caption_ext=cap_ext, **kwargs)
+        pairs = cls([str(s) for s in shards], preprocess, tokenizer, image_ext=img_exts, caption_ext=cap_ext, **kwargs)
+        pairs.manifest = manifest.path
+        return pairs
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -312,9 +316,13 @@ class WebDatasetPairs(_IterableDataset):
         return [self.shards[i] for i in idx]
 
     def _bad(self, msg: str) -> None:
+        """A sample that cannot be used: raise naming it and the remedy, or count it and name it on stderr
+        (the streaming trainer never lists the shards, so this line is where a skipped sample is named)."""
         if self.on_bad_sample == "raise":
-            raise ManifestError(msg)
+            raise ManifestError(f"{msg}; check the shards with `clip-refine-lab data check {self.manifest or 'MANIFEST'}`,"
+                                " or pass --on-bad-sample skip to leave such samples out (the same run name resumes)")
         self.skipped += 1
+        print(f"on_bad_sample=skip: left out {msg}", file=sys.stderr)
 
     def __iter__(self):
         import numpy as np

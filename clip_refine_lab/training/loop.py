@@ -51,6 +51,7 @@ from ..progress import progress_bar, stage
 from ..rundir import truncate_log
 from ..utils import append_jsonl, atomic_write_json, read_jsonl, seed_everything
 from .caches import TeacherFeatures, prior_statistics
+from .preflight import check_run
 from .sources import is_manifest_path, open_source, resolve_data
 from .state import check_finite, load_state, run_is_complete, save_state
 
@@ -322,7 +323,7 @@ class Refiner:
             if self.rank == 0:
                 self._emit(log_path, {"kind": "val", "step": 0, "val_loss": best_val, "best": True})
         if self.source.skipped:
-            print(f"on_bad_sample=skip: skipped {self.source.skipped} unreadable or captionless samples")
+            print(self.source.skipped_report(self.run_dir))
         train_with_frozen_batch_norm(self.model)
         show = self.progress and self.rank == 0
         stage(f"Refining with {cfg.method} for {self.total_steps - step} steps", enabled=show,
@@ -413,6 +414,7 @@ def refine(config: RunConfig, *, progress: bool = True, resume: bool = True, cal
     cached yet (each announced with one line).
     """
     cfg = config.resolved()
+    check_run(cfg, progress=progress)
     if run_is_complete(cfg, resume=resume):
         return cfg.run_dir
     rank, world = world_info()
