@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,7 @@ import yaml
 
 from clip_refine_lab.cli import main
 from clip_refine_lab.utils import cache_dir
-from conftest_data import image_bytes, make_corrupt_image, make_image, make_jsonl, write_manifest_yaml
+from conftest_data import image_bytes, make_corrupt_image, make_image, make_jsonl, make_webdataset, write_manifest_yaml
 
 REFINE = ("--quiet", "refine", "--output-dir", "{out}", "--run-name", "{name}", "--max-steps", "1",
           "--batch-size", "4")
@@ -73,6 +73,11 @@ def truncated_image(tmp: Path) -> dict:
     return {"manifest": man}
 
 
+def shards(tmp: Path, **fields) -> dict:
+    man, _ = make_webdataset(tmp / "wds", num_shards=2, per_shard=4)
+    return {"manifest": edited_yaml(man, lambda f: f.update(fields))}
+
+
 def classification_set(tmp: Path, labels=(0, 1, 2), **fields) -> Path:
     rows = [{"id": str(i), "image": f"c{i}.png", "label": lab} for i, lab in enumerate(labels)]
     for i in range(len(rows)):
@@ -98,7 +103,6 @@ class Case:
     setup: Callable[[Path], dict] = lambda tmp: {}
     expect: tuple[str, ...] = ()
     absent: tuple[str, ...] = ()
-    extra: dict = field(default_factory=dict)
 
 
 DATA = ("--data", "{manifest}")
@@ -122,6 +126,10 @@ CASES: dict[str, Case] = {
                           ("unknown field 'colour' for format 'jsonl'", "'description' or 'notes'"), absent=(SKIP,)),
     "duplicate ids": Case(REFINE + DATA, lambda t: {"manifest": pairs(t, edit=lambda rows: rows[2].update(id="000"))},
                           ("duplicate_id", "pairs.jsonl:3", "already used at", CHECK), absent=(SKIP,)),
+    "records file missing": Case(REFINE + DATA, lambda t: {"manifest": edited_yaml(
+        pairs(t), lambda f: f.update(records="nope.jsonl"))}, ("field 'records': file not found", "nope.jsonl")),
+    "misspelt field of a streamed manifest": Case(REFINE + DATA, lambda t: shards(t, num_sample=8),
+                                                  ("unknown field 'num_sample'", "did you mean 'num_samples'?")),
     "bad JSON line": Case(REFINE + DATA, bad_json_line, ("pairs.jsonl:2: not valid JSON", "bad_record", CHECK),
                           absent=(SKIP,)),
     "bad JSON line under skip": Case(REFINE + DATA + ("--on-bad-sample", "skip"), bad_json_line,
@@ -263,6 +271,21 @@ def test_a_worker_process_error_reaches_the_user_as_its_one_line(tmp_path):
     assert "\n" not in message and "Traceback" not in message
     assert message.startswith(f"{tmp_path / 'data' / 'pairs.jsonl'}:2 [id 001]: cannot read image")
     assert f"{CHECK} {man}" in message
+
+
+def test_a_streamed_manifest_gets_the_field_checks_without_listing_its_shards(tmp_path, monkeypatch):
+    from clip_refine_lab.data import manifest as manifest_module
+    from clip_refine_lab.data.manifest import ManifestError
+    from clip_refine_lab.data.preflight import preflight_manifest
+
+    def no_listing(self):
+        raise AssertionError("a streamed manifest's records were listed")
+
+    monkeypatch.setattr(manifest_module.Manifest, "records", no_listing)
+    good = shards(tmp_path / "a", num_samples=8)["manifest"]
+    assert preflight_manifest(good, kind="captions").ok
+    with pytest.raises(ManifestError, match="unknown field 'shard'"):
+        preflight_manifest(shards(tmp_path / "b", shard="x.tar")["manifest"])
 
 
 # ---------------------------------------------------------------------------------- the image scan

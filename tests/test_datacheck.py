@@ -165,6 +165,17 @@ def test_unknown_fields_are_errors_with_the_closest_known_field(tmp_path):
     assert run_data_check(man, progress=False) == 1
 
 
+def test_the_fields_our_own_writers_add_are_known(tmp_path):
+    # the synthetic world (task, style), CLIP-score filtering (filtered_from, filter), a sweep's subsets (subset_of)
+    from clip_refine_lab.data.manifest import write_manifest
+
+    make_image(tmp_path / "0.png")
+    man = write_manifest(tmp_path / "m.yaml", name="m", kind="captions",
+                         records=[{"id": "0", "image": "0.png", "captions": ["c"]}], description="d", source="s",
+                         layout="l", subset_of="x.yaml", filtered_from="y.yaml", filter={"kept": 1})
+    assert check_manifest(man, progress=False).problems == {}
+
+
 def test_misspelt_records_field_is_named_with_its_fix(tmp_path):
     make_image(tmp_path / "images" / "a.jpg")
     man = make_jsonl(tmp_path, [{"id": "a", "image": "a.jpg", "captions": ["x"]}])

@@ -36,18 +36,20 @@ from .sources import is_manifest_path
 # --------------------------------------------------------------------------------- the model
 def architecture_config(cfg: RunConfig) -> tuple[str, dict | None]:
     """(architecture, its open_clip model config) of a run: the one a checkpoint file records, else
-    ``cfg.model``; the config is None for hub and local-directory models (known only once loaded)."""
+    ``cfg.model``; the config is None for hub and local-directory models and checkpoints that record no
+    architecture (known only once loaded)."""
     import open_clip
 
     arch = str(cfg.model)
-    pretrained = cfg.pretrained
-    if pretrained and pretrained != EMBEDDED_TAG and Path(pretrained).suffix in CHECKPOINT_SUFFIXES \
-            and Path(pretrained).is_file():
-        try:
-            arch = read_checkpoint_meta(pretrained).get("arch") or arch
-        except Exception:  # a damaged checkpoint is reported, with its remedy, when it is loaded
-            pass
-    if arch.startswith(("hf-hub:", "local-dir:")):
+    # a checkpoint written by this toolkit names its architecture (load_model also takes one as the model)
+    for path in (cfg.pretrained, cfg.model):
+        if path and path != EMBEDDED_TAG and Path(path).suffix in CHECKPOINT_SUFFIXES and Path(path).is_file():
+            try:
+                arch = read_checkpoint_meta(path).get("arch") or arch
+            except Exception:  # a damaged checkpoint is reported, with its remedy, when it is loaded
+                pass
+            break
+    if arch.startswith(("hf-hub:", "local-dir:")) or Path(arch).suffix in CHECKPOINT_SUFFIXES:
         return arch, None
     register_tiny_architectures()
     model_cfg = open_clip.get_model_config(arch)
