@@ -13,6 +13,8 @@ offending record (file and line) and the remedy; the full list is what ``data ch
   lists them) or for evaluation.
 * :func:`check_suite`: every manifest of an evaluation suite, each against the kind its section needs.
 
+The embedded world's manifests are checked like any other: on the micro world the scan costs about
+70 ms the first time and the checks about 6 ms a run after: too little to make them an exception.
 Streamed (WebDataset) manifests get the field checks only: listing their records means reading
 every shard, which is what streaming avoids; their bad samples are met, and named, as they stream.
 The header scan misses an image whose bytes are damaged in the middle (only a full decode finds

@@ -263,9 +263,9 @@ def _save_spec(spec: SweepSpec, sweep_dir: Path) -> None:
 
 
 def check_runs_first(runs: Sequence[PlannedRun], sweep_dir: Path, spec: SweepSpec, *, evaluate: bool) -> None:
-    """Every run's options and training manifest, and the evaluation suites, checked before the first run
-    (:func:`clip_refine_lab.training.preflight.check_runs`); a derived training set not written yet is
-    checked through the set it is drawn from."""
+    """Every unfinished run's options and training manifest, and the evaluation suites, checked before the
+    first run (:func:`clip_refine_lab.training.preflight.check_runs`); a derived training set not written
+    yet is checked through the set it is drawn from."""
     from ..training.preflight import check_runs
 
     def checked_config(run: PlannedRun) -> RunConfig:
@@ -275,7 +275,8 @@ def check_runs_first(runs: Sequence[PlannedRun], sweep_dir: Path, spec: SweepSpe
 
     own = [r for r in runs if r.alias_of is None]
     suites = [(suite_file(r, sweep_dir, spec.path), preset_name(r.config.preset)) for r in own] if evaluate else []
-    check_runs([(r.key, checked_config(r)) for r in own], suites)
+    to_train = [r for r in own if not (r.run_dir / "summary.json").is_file()]  # finished runs are not trained again
+    check_runs([(r.key, checked_config(r)) for r in to_train], suites)
 
 
 # ==================================================================================== running
