@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from clip_refine_lab.data.check import check_manifest, clean_captions, is_readable, run_data_check, validate_manifest_fields
 from clip_refine_lab.data.leakage import image_identity, leakage_report
@@ -82,11 +83,11 @@ def test_jsonl_duplicates_and_bad_json_line(tmp_path):
     assert _where(report, "duplicate_id")[0].endswith("pairs.jsonl:3")
     assert "already used at" in report.problems["duplicate_id"].offenders[0].detail
     assert _where(report, "empty_caption")[0].endswith("pairs.jsonl:2")
-    (tmp_path / "pairs.jsonl").write_text(json.dumps(rows[0]) + "\n{broken\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(rows[0]) + "\n{broken\n" + json.dumps(rows[2]) + "\n")
     report = check_manifest(man, progress=False)
     assert not report.ok
-    assert "pairs.jsonl:2: not valid JSON" in report.problems["structure"].offenders[0].detail
-    assert report.num_records == 1  # records before the broken line are still checked
+    assert "pairs.jsonl:2: not valid JSON" in report.problems["bad_record"].offenders[0].detail
+    assert report.num_records == 2  # the records before and after the broken line are still checked
 
 
 def test_flickr8k_and_karpathy_problems(tmp_path):
@@ -144,20 +145,98 @@ def test_schema_errors_reported(tmp_path):
     man = write_manifest_yaml(tmp_path / "bad.yaml", name="x", kind="captions", format="coco", root=".",
                               records="a.json", colums={"image": "x"})
     report = check_manifest(man, progress=False)
-    assert "field 'colums' is not read by format 'coco'" in report.problems["unknown_field"].offenders[0].detail
-    assert report.problems["unknown_field"].severity == "warning"
+    assert "unknown field 'colums' for format 'coco'" in report.problems["unknown_field"].offenders[0].detail
+    assert report.problems["unknown_field"].severity == "error"
     assert "structure" in report.problems  # records file missing
     missing = check_manifest(tmp_path / "nope.yaml", progress=False)
     assert not missing.ok and "manifest not found" in missing.problems["structure"].offenders[0].detail
 
 
-def test_extra_fields_are_only_a_warning(tmp_path):
+def test_unknown_fields_are_errors_with_the_closest_known_field(tmp_path):
+    # a misspelt field would be ignored by the reader: refine and eval refuse it, so data check does too
     make_image(tmp_path / "images" / "0.png")
     man = make_jsonl(tmp_path, [{"id": "0", "image": "0.png", "label": 0}], kind="classification",
-                     classnames=["circle"], templates=["a {c}."], task="shape", color="red", sizes=3)
+                     classnames=["circle"], templates=["a {c}."], task="shape", color="red", clasnames=["x"])
     report = check_manifest(man, progress=False)
-    assert report.ok and report.counts() == {"unknown_field": 2}
-    assert run_data_check(man, progress=False) == 0
+    assert not report.ok and report.counts() == {"unknown_field": 2}  # task: a field of the synthetic world
+    details = [o.detail for o in report.problems["unknown_field"].offenders]
+    assert "unknown field 'clasnames' for format 'jsonl' (did you mean 'classnames'?)" in details
+    assert any("'color'" in d and "'description' or 'notes'" in d for d in details)
+    assert run_data_check(man, progress=False) == 1
+
+
+def test_the_fields_our_own_writers_add_are_known(tmp_path):
+    # the synthetic world (task, style), CLIP-score filtering (filtered_from, filter), a sweep's subsets (subset_of)
+    from clip_refine_lab.data.manifest import write_manifest
+
+    make_image(tmp_path / "0.png")
+    man = write_manifest(tmp_path / "m.yaml", name="m", kind="captions",
+                         records=[{"id": "0", "image": "0.png", "captions": ["c"]}], description="d", source="s",
+                         layout="l", subset_of="x.yaml", filtered_from="y.yaml", filter={"kept": 1})
+    assert check_manifest(man, progress=False).problems == {}
+
+
+def test_misspelt_records_field_is_named_with_its_fix(tmp_path):
+    make_image(tmp_path / "images" / "a.jpg")
+    man = make_jsonl(tmp_path, [{"id": "a", "image": "a.jpg", "captions": ["x"]}])
+    fields = yaml.safe_load(man.read_text())
+    fields["recods"] = fields.pop("records")
+    man.write_text(yaml.safe_dump(fields))
+    report = check_manifest(man, progress=False)
+    assert "did you mean 'records'?" in report.problems["unknown_field"].offenders[0].detail
+    assert "missing field 'records'" in report.format()
+    assert list(report.problems)[0] == "unknown_field"  # the suggestion comes first
+
+
+def test_every_bad_line_of_a_file_is_reported_in_one_pass(tmp_path):
+    rows = [{"id": str(i), "image": f"{i}.jpg", "captions": [f"c{i}"]} for i in range(6)]
+    for i in range(6):
+        make_image(tmp_path / "images" / f"{i}.jpg", seed=i)
+    man = make_jsonl(tmp_path, rows)
+    lines = [json.dumps(r) for r in rows]
+    lines[1], lines[3], lines[4] = "{broken", "[1, 2]", json.dumps({"id": "4", "captions": ["no image"]})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    report = check_manifest(man, progress=False)
+    bad = report.problems["bad_record"]
+    assert bad.count == 3 and report.num_records == 3
+    assert [o.detail.split(": ")[0].rsplit(":", 1)[1] for o in bad.offenders] == ["2", "4", "5"]
+    assert "missing field 'image'" in bad.offenders[2].detail
+
+
+def test_every_bad_csv_row_and_coco_entry_is_reported(tmp_path):
+    rows = [{"filepath": f"{i}.jpg", "title": f"t{i}"} for i in range(4)]
+    for i in range(4):
+        make_image(tmp_path / "csv" / "images" / f"{i}.jpg", seed=i)
+    man = make_csv(tmp_path / "csv", rows)
+    text = (tmp_path / "csv" / "pairs.csv").read_text().splitlines()
+    text[1] += ",extra"
+    text[3] += ",extra"
+    (tmp_path / "csv" / "pairs.csv").write_text("\n".join(text) + "\n")
+    report = check_manifest(man, progress=False)
+    assert report.problems["bad_record"].count == 2 and report.num_records == 2
+    assert [o.detail.split(": ")[0][-1] for o in report.problems["bad_record"].offenders] == ["2", "4"]
+
+    man = make_coco(tmp_path / "coco", (1, 2, 3))
+    ann = tmp_path / "coco" / "annotations" / "captions.json"
+    data = json.loads(ann.read_text())
+    data["images"].append({"id": 1, "file_name": "dup.jpg"})
+    data["annotations"] += [{"image_id": 77, "caption": "x"}, {"caption": "no image id"}]
+    ann.write_text(json.dumps(data))
+    report = check_manifest(man, progress=False)
+    details = [o.detail for o in report.problems["bad_record"].offenders]
+    assert len(details) == 3 and report.num_records == 3
+    assert "images[3]: duplicate image id 1" in details[0]
+    assert "annotations[6]: field 'image_id': 77" in details[1]
+    assert "annotations[7]: missing field 'image_id'" in details[2]
+
+
+def test_outside_data_check_the_first_bad_line_raises(tmp_path):
+    from clip_refine_lab.data.manifest import ManifestError
+
+    man = make_jsonl(tmp_path, [{"id": "a", "image": "a.jpg", "captions": ["x"]}])
+    (tmp_path / "pairs.jsonl").write_text("{broken\n")
+    with pytest.raises(ManifestError, match=r"pairs.jsonl:1: not valid JSON"):
+        load_manifest(man).records()
 
 
 def test_validate_manifest_fields():

@@ -14,6 +14,7 @@ Overlap between training and evaluation images is checked by :mod:`clip_refine_l
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import sys
@@ -26,13 +27,24 @@ from typing import Any, Iterable, Sequence
 from .formats import COMMON_FIELDS, FORMAT_SPECS
 from .imagefolder import scan_imagefolder
 from .images import read_image_bytes, split_locator
-from .manifest import KINDS, CaptionRecord, ClassificationRecord, Manifest, ManifestError, Record, get_reader, load_manifest
+from .manifest import (
+    KINDS,
+    CaptionRecord,
+    ClassificationRecord,
+    Manifest,
+    ManifestError,
+    Record,
+    collect_record_errors,
+    get_reader,
+    load_manifest,
+)
 
 # kind -> (severity, what it means)
 PROBLEM_KINDS: dict[str, tuple[str, str]] = {
+    "unknown_field": ("error", "manifest field that its format does not read (a misspelt field is ignored)"),
     "schema": ("error", "manifest fields do not match the format's schema"),
-    "unknown_field": ("warning", "manifest field not used by its format"),
     "structure": ("error", "the records could not be read (the reader stopped here)"),
+    "bad_record": ("error", "a record or line could not be read (the reader went on with the next)"),
     "no_records": ("error", "the manifest yields no records"),
     "missing_file": ("error", "image file not found"),
     "unreadable_image": ("error", "image cannot be opened or decoded (corrupt or truncated)"),
@@ -131,18 +143,32 @@ class CheckReport:
         else:
             n = sum(p.count for p in self.errors)
             lines.append(f"  FAILED: {n:,} error(s) of {len(self.errors)} kind(s); fix them or drop those records "
-                         f"(the trainer skips unreadable samples with on_bad_sample: skip)")
+                         f"(refine --on-bad-sample skip leaves out, and lists, records whose image is missing or "
+                         f"unreadable or that have no usable caption)")
         return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ schema
+def known_fields(fmt: Any) -> set[str] | None:
+    """Every field a manifest of format ``fmt`` may carry (None for an unknown format)."""
+    spec = FORMAT_SPECS.get(fmt) if isinstance(fmt, str) else None
+    if spec is None:
+        return None
+    return set(COMMON_FIELDS) | {"records"} | set(spec.required) | set(spec.optional)
+
+
 def unknown_fields(fields: dict) -> list[str]:
     """Fields that neither every manifest nor the manifest's format defines (typos such as ``colums``)."""
-    spec = FORMAT_SPECS.get(fields.get("format")) if isinstance(fields.get("format"), str) else None
-    if spec is None:
-        return []
-    known = set(COMMON_FIELDS) | {"records"} | set(spec.required) | set(spec.optional)
-    return [k for k in fields if k not in known]
+    known = known_fields(fields.get("format"))
+    return [] if known is None else [k for k in fields if k not in known]
+
+
+def unknown_field_message(key: str, fmt: str) -> str:
+    """One line about an unknown field: the closest known field when there is one, else where free text goes."""
+    close = difflib.get_close_matches(str(key), sorted(known_fields(fmt) or ()), n=1)
+    hint = (f"did you mean '{close[0]}'?" if close else
+            "free text goes under 'description' or 'notes'; data_manifests/README.md lists each format's fields")
+    return f"unknown field '{key}' for format '{fmt}' ({hint})"
 
 
 def validate_manifest_fields(fields: Any, allow_unknown: bool = False) -> list[str]:
@@ -150,8 +176,8 @@ def validate_manifest_fields(fields: Any, allow_unknown: bool = False) -> list[s
 
     Checks the common fields (name, kind, format, root, records, classnames, templates, source,
     layout, ...) and the fields of the format named by ``format`` (see FORMAT_SPECS). Unknown fields
-    are problems unless ``allow_unknown`` (the data check reports them as warnings instead: the
-    synthetic world's manifests carry extra fields such as ``task``).
+    are problems unless ``allow_unknown`` (the data check reports them as a kind of their own,
+    ``unknown_field``, with the closest known field).
     """
     if not isinstance(fields, dict):
         return [f"expected a mapping of fields, got {type(fields).__name__}"]
@@ -178,9 +204,7 @@ def validate_manifest_fields(fields: Any, allow_unknown: bool = False) -> list[s
             if key not in fields:
                 out.append(f"missing field '{key}' (required by format '{fmt}')")
         if not allow_unknown:
-            known = set(COMMON_FIELDS) | {"records"} | set(spec.required) | set(spec.optional)
-            for key in unknown_fields(fields):
-                out.append(f"unknown field '{key}' for format '{fmt}' (known: {', '.join(sorted(known))})")
+            out.extend(unknown_field_message(key, fmt) for key in unknown_fields(fields))
     out.extend(_check_types(fields))
     if "probe" in fields and not isinstance(fields["probe"], bool):
         out.append(f"field 'probe' must be true or false, got {fields['probe']!r}")
@@ -319,59 +343,90 @@ def check_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None 
                    progress: bool = True, *, check_images: bool = True, workers: int | None = None) -> CheckReport:
     """Check a manifest, its records and its images; never raises for data problems.
 
-    Reports (see PROBLEM_KINDS): schema problems, reader errors (the reader's ManifestError names
-    file and line/record), missing and unreadable images (open + verify + full decode), records
-    without captions, empty or non-text captions, duplicate ids, labels outside 0..num_classes-1,
-    image folders matching no class (imagefolder), classes without images (warning) and image files
-    used by several records (warning). Each problem keeps a count and the first ``max_offenders``
-    offenders with their location (``record.source``: "file:line" or "file: images[i]").
+    Reports (see PROBLEM_KINDS) every problem of a file in one pass: unknown fields (with the closest
+    known one) and schema problems; records or lines a reader cannot parse (``bad_record``: a bad
+    JSON line, CSV row or annotation; the reader goes on with the next), or ``structure`` when the
+    reader cannot go on (the records file is missing or is not JSON at all); missing and unreadable
+    images (open + verify + full decode), records without captions, empty or non-text captions,
+    duplicate ids, labels outside 0..num_classes-1, image folders matching no class (imagefolder),
+    classes without images (warning) and image files used by several records (warning). Each
+    problem keeps a count and the first ``max_offenders`` offenders with their location
+    (``record.source``: "file:line" or "file: images[i]").
     ``check_images=False`` skips opening images; ``workers`` threads decode images (default: up to 8).
     """
+    return check_manifest_records(path, data_root, max_offenders, progress, check_images=check_images,
+                                  workers=workers)[0]
+
+
+def check_manifest_records(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                           max_offenders: int = 20, progress: bool = True, *, check_images: bool = True,
+                           workers: int | None = None) -> tuple[CheckReport, list[Record]]:
+    """:func:`check_manifest`'s report and the records it read (for checks that go on with them)."""
     report = CheckReport(str(path), max_offenders=max_offenders)
     try:
         manifest = load_manifest(path, data_root=data_root)
     except ManifestError as e:
-        try:
-            import yaml
-
-            fields = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-            for msg in validate_manifest_fields(fields):
-                report.add("schema", str(path), None, msg)
-        except Exception:
-            pass
-        report.add("structure", "manifest", None, str(e))
-        return report
+        _report_unloadable(path, e, report)
+        return report, []
     report.name, report.kind, report.format_name = manifest.name, manifest.kind, manifest.format
+    for key in unknown_fields(manifest.fields):
+        report.add("unknown_field", str(manifest.path), None, unknown_field_message(key, manifest.format))
     for msg in validate_manifest_fields(manifest.fields, allow_unknown=True):
         report.add("schema", str(manifest.path), None, msg)
-    for key in unknown_fields(manifest.fields):
-        report.add("unknown_field", str(manifest.path), None,
-                   f"field '{key}' is not read by format '{manifest.format}' (a typo?); see data_manifests/README.md")
-
-    records: list[Record] = []
-    try:
-        if manifest.format == "imagefolder":
-            scan = scan_imagefolder(manifest)
-            records = list(scan.records)
-            for key, n in sorted(scan.unknown_folders.items()):
-                report.add("unknown_class_folder", scan.unknown_examples[key], None,
-                           f"folder {key!r} ({n:,} images) matches no class; map it with 'class_folders' or "
-                           f"list it in 'ignore_folders'")
-        else:
-            for rec in get_reader(manifest.format)(manifest):
-                records.append(rec)
-    except ManifestError as e:
-        report.add("structure", f"reader '{manifest.format}'", None, str(e))
-    except Exception as e:  # a reader bug or an unexpected file: still report, do not crash the check
-        report.add("structure", f"reader '{manifest.format}'", None, f"{type(e).__name__}: {e}")
+    records = _read_records(manifest, report)
     report.num_records = len(records)
-    if not records and "structure" not in report.problems:
+    if not records and not {"structure", "bad_record"} & set(report.problems):
         report.add("no_records", str(manifest.path), None, "no records (check 'root', 'records', 'split' and the layout)")
 
     _check_records(manifest, records, report)
     if check_images and records:
         _check_images(records, report, progress, workers)
-    return report
+    return report, records
+
+
+def _report_unloadable(path: str | os.PathLike, error: ManifestError, report: CheckReport) -> None:
+    """A manifest that does not load: every field problem found, then the loader's own message unless
+    a field problem says the same already."""
+    import yaml
+
+    messages: list[str] = []
+    try:
+        fields = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # not there, not text or not YAML: the loader's message says which
+        fields = None
+    if isinstance(fields, dict):
+        fmt = fields.get("format")
+        for key in unknown_fields(fields):
+            report.add("unknown_field", str(path), None, unknown_field_message(key, fmt))
+        messages = validate_manifest_fields(fields, allow_unknown=True)
+        for msg in messages:
+            report.add("schema", str(path), None, msg)
+    if not any(msg in str(error) for msg in messages):
+        report.add("structure", "manifest", None, str(error))
+
+
+def _read_records(manifest: Manifest, report: CheckReport) -> list[Record]:
+    """Every record the reader can read; the lines or records it cannot are reported and skipped."""
+    records: list[Record] = []
+    with collect_record_errors() as bad:
+        try:
+            if manifest.format == "imagefolder":
+                scan = scan_imagefolder(manifest)
+                records = list(scan.records)
+                for key, n in sorted(scan.unknown_folders.items()):
+                    report.add("unknown_class_folder", scan.unknown_examples[key], None,
+                               f"folder {key!r} ({n:,} images) matches no class; map it with 'class_folders' or "
+                               f"list it in 'ignore_folders'")
+            else:
+                for rec in get_reader(manifest.format)(manifest):
+                    records.append(rec)
+        except ManifestError as e:
+            report.add("structure", f"reader '{manifest.format}'", None, str(e))
+        except Exception as e:  # a reader bug or an unexpected file: still report, do not crash the check
+            report.add("structure", f"reader '{manifest.format}'", None, f"{type(e).__name__}: {e}")
+    for e in bad:
+        report.add("bad_record", f"reader '{manifest.format}'", None, str(e))
+    return records
 
 
 def _check_records(manifest: Manifest, records: Sequence[Record], report: CheckReport) -> None:

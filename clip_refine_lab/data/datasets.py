@@ -11,7 +11,24 @@ from typing import Any, Sequence
 import numpy as np
 
 from .images import load_image
-from .manifest import CaptionRecord, Record
+from .manifest import CaptionRecord, ManifestError, Record
+
+
+def bad_sample_error(record: Record, problem: object, manifest: object = None, *, skippable: bool = False) -> ManifestError:
+    """The one-line error of a record that cannot be used once work has started: where the record is
+    (its manifest line or JSON entry), what is wrong, and what to do."""
+    command = f"clip-refine-lab data check {manifest or 'MANIFEST'}"
+    remedy = f"check every record with `{command}`"
+    if skippable:
+        remedy += ", or pass --on-bad-sample skip to leave such records out (the same run name resumes)"
+    return ManifestError(f"{record.source or record.image} [id {record.id}]: {problem}; {remedy}")
+
+
+def _load(record: Record, preprocess, manifest: object, skippable: bool):
+    try:
+        return preprocess(load_image(record.image))
+    except ManifestError as e:
+        raise bad_sample_error(record, e, manifest, skippable=skippable) from None
 
 
 class CaptionPairs:
@@ -24,13 +41,14 @@ class CaptionPairs:
     """
 
     def __init__(self, records: Sequence[CaptionRecord], preprocess, tokenizer, seed: int = 0,
-                 image_cache: "Any | None" = None):
+                 image_cache: "Any | None" = None, *, manifest: object = None, skippable: bool = True):
         self.records = list(records)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.seed = seed
         self.epoch = 0
         self.image_cache = image_cache  # optional: indexable of preprocessed image tensors
+        self.manifest, self.skippable = manifest, skippable  # for the error naming a bad record
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -47,10 +65,12 @@ class CaptionPairs:
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         rec = self.records[index]
+        if not rec.captions:
+            raise bad_sample_error(rec, "the record has no caption", self.manifest, skippable=self.skippable)
         if self.image_cache is not None:
             image = self.image_cache[index]
         else:
-            image = self.preprocess(load_image(rec.image))
+            image = _load(rec, self.preprocess, self.manifest, self.skippable)
         caption = rec.captions[self.caption_index(index, epoch)]
         tokens = self.tokenizer([caption])[0]
         return image, tokens, index
@@ -59,12 +79,13 @@ class CaptionPairs:
 class Images:
     """Map-style dataset of (preprocessed image, index) for feature extraction."""
 
-    def __init__(self, records: Sequence[Record], preprocess):
+    def __init__(self, records: Sequence[Record], preprocess, *, manifest: object = None, skippable: bool = False):
         self.records = list(records)
         self.preprocess = preprocess
+        self.manifest, self.skippable = manifest, skippable  # for the error naming a bad record
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int):
-        return self.preprocess(load_image(self.records[index].image)), index
+        return _load(self.records[index], self.preprocess, self.manifest, self.skippable), index

@@ -46,6 +46,7 @@ from .manifest import DATA_ROOT_ENV, LOCATOR_SEP, Manifest, ManifestError, expan
 # Fields every manifest may carry, whatever its format.
 COMMON_FIELDS = ("name", "kind", "format", "root", "source", "layout", "description", "notes", "license",
                  "citation", "homepage", "classnames", "templates", "filtered_from", "filter",
+                 "subset_of",  # written by a sweep's derived training sets (clip_refine_lab.sweep.runner)
                  "task", "style",  # task/style: written by the synthetic world (clip_refine_lab.embedded.world)
                  "probe")  # a classification set reported apart from the zero-shot average (Manifest.is_probe)
 

@@ -28,6 +28,8 @@ torch datasets over records are in :mod:`clip_refine_lab.data.datasets`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import re
@@ -46,7 +48,51 @@ LOCATOR_SEP = "::"  # a record image "shard.tar::member" names a member of a tar
 
 
 class ManifestError(ValueError):
-    """A manifest or one of its records is wrong; the message names the file, line and field."""
+    """A manifest or one of its records is wrong; the message names the file, line and field.
+
+    Raised inside a DataLoader worker, torch re-raises it in the main process as
+    ``ManifestError("Caught ManifestError in DataLoader worker process 0.\\nOriginal Traceback ...")``;
+    the message is cut back to the original one line here, so the user sees what is wrong and where
+    rather than a worker's traceback."""
+
+    def __init__(self, message: object = "", *args):
+        if isinstance(message, str) and message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            message = _original_message(message)
+        super().__init__(message, *args)
+
+
+def _original_message(wrapped: str) -> str:
+    """The message of the exception a DataLoader worker caught: the last line's text after ``Type: ``."""
+    lines = [line for line in wrapped.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else wrapped
+    head, sep, text = last.partition(": ")
+    return text if sep and head.split(".")[-1].endswith(("Error", "Exception")) else last
+
+
+# While data check reads a manifest it collects the records' structural errors here (a bad JSON line,
+# an annotation naming an unknown image, ...) and the readers go on with the next line or record, so
+# one pass reports every problem of a file. Everywhere else the first such error is raised.
+_RECORD_ERRORS: contextvars.ContextVar[list | None] = contextvars.ContextVar("record_errors", default=None)
+
+
+@contextlib.contextmanager
+def collect_record_errors():
+    """Within the block, :func:`record_error` appends to the yielded list instead of raising."""
+    errors: list[ManifestError] = []
+    token = _RECORD_ERRORS.set(errors)
+    try:
+        yield errors
+    finally:
+        _RECORD_ERRORS.reset(token)
+
+
+def record_error(error: ManifestError) -> None:
+    """A reader found a record or line it cannot read: raise ``error``, or, inside
+    :func:`collect_record_errors`, keep it and return so that the reader skips that record and goes on."""
+    errors = _RECORD_ERRORS.get()
+    if errors is None:
+        raise error
+    errors.append(error)
 
 
 @dataclass(frozen=True)
@@ -131,7 +177,9 @@ def get_reader(fmt: str):
 def read_jsonl_records(manifest: Manifest) -> Iterable[Record]:
     """One JSON object a line (see the module docstring); errors name the file and line."""
     path = manifest.records_path
-    if path is None or not path.is_file():
+    if path is None:
+        raise ManifestError(f"{manifest.path}: missing field 'records' (required by format 'jsonl')")
+    if not path.is_file():
         raise ManifestError(f"{manifest.path}: field 'records': file not found: {path}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -139,10 +187,11 @@ def read_jsonl_records(manifest: Manifest) -> Iterable[Record]:
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                yield record_from_dict(json.loads(line), manifest.kind, manifest.root, where)
             except json.JSONDecodeError as e:
-                raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
-            yield record_from_dict(obj, manifest.kind, manifest.root, where)
+                record_error(ManifestError(f"{where}: not valid JSON ({e.msg})"))
+            except ManifestError as e:
+                record_error(e)
 
 
 def record_from_dict(obj: dict, kind: str, root: Path, where: str) -> Record:

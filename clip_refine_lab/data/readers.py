@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .formats import load_json, path_field, read_lines, records_file, require_classnames, resolve_image, split_values
-from .manifest import CaptionRecord, ClassificationRecord, Manifest, ManifestError, Record, register_reader
+from .manifest import CaptionRecord, ClassificationRecord, Manifest, ManifestError, Record, record_error, register_reader
 
 ZERO_SHOT_DATA = Path(__file__).parent / "zero_shot_data"
 
@@ -53,27 +53,19 @@ def read_coco(manifest: Manifest) -> Iterator[CaptionRecord]:
                                 f"captions_train2017.json?)")
     images: dict[Any, tuple[int, dict]] = {}
     for i, im in enumerate(data["images"]):
-        where = f"{path}: images[{i}]"
-        if not isinstance(im, dict):
-            raise ManifestError(f"{where}: expected an object")
-        for key in ("id", "file_name"):
-            if key not in im:
-                raise ManifestError(f"{where}: missing field '{key}'")
-        if im["id"] in images:
-            raise ManifestError(f"{where}: duplicate image id {im['id']!r} (first at images[{images[im['id']][0]}])")
+        problem = _coco_image_problem(im, images)
+        if problem:
+            record_error(ManifestError(f"{path}: images[{i}]: {problem}"))
+            continue
         images[im["id"]] = (i, im)
     captions: dict[Any, list[tuple[Any, str]]] = {k: [] for k in images}
     for j, ann in enumerate(data["annotations"]):
         where = f"{path}: annotations[{j}]"
-        if not isinstance(ann, dict):
-            raise ManifestError(f"{where}: expected an object")
-        for key in ("image_id", "caption"):
-            if key not in ann:
-                raise ManifestError(f"{where}: missing field '{key}'")
-        if ann["image_id"] not in images:
-            raise ManifestError(f"{where}: field 'image_id': {ann['image_id']!r} is not the id of any entry of 'images' "
-                                f"({len(images):,} images); the annotation file may be truncated or mixed with another")
-        captions[ann["image_id"]].append((ann["caption"], f"{path}: annotations[{j}]"))
+        problem = _coco_annotation_problem(ann, images)
+        if problem:
+            record_error(ManifestError(f"{where}: {problem}"))
+            continue
+        captions[ann["image_id"]].append((ann["caption"], where))
     for image_id, (i, im) in images.items():
         caps = captions[image_id]
         coco_id = image_id if isinstance(image_id, int) else None
@@ -84,6 +76,29 @@ def read_coco(manifest: Manifest) -> Iterator[CaptionRecord]:
             f"{path}: images[{i}]",
             {"coco_id": coco_id, "file_name": im["file_name"], "caption_sources": [w for _, w in caps]},
         )
+
+
+def _coco_image_problem(im: Any, images: dict) -> str | None:
+    if not isinstance(im, dict):
+        return "expected an object"
+    for key in ("id", "file_name"):
+        if key not in im:
+            return f"missing field '{key}'"
+    if im["id"] in images:
+        return f"duplicate image id {im['id']!r} (first at images[{images[im['id']][0]}])"
+    return None
+
+
+def _coco_annotation_problem(ann: Any, images: dict) -> str | None:
+    if not isinstance(ann, dict):
+        return "expected an object"
+    for key in ("image_id", "caption"):
+        if key not in ann:
+            return f"missing field '{key}'"
+    if ann["image_id"] not in images:
+        return (f"field 'image_id': {ann['image_id']!r} is not the id of any entry of 'images' ({len(images):,} "
+                "images); the annotation file may be truncated or mixed with another")
+    return None
 
 
 # ----------------------------------------------------------------------------------------- karpathy
@@ -105,23 +120,13 @@ def read_karpathy(manifest: Manifest) -> Iterator[CaptionRecord]:
         raise ManifestError(f"{path}: expected an object with an 'images' list (Karpathy split JSON, e.g. dataset_flickr30k.json)")
     for i, im in enumerate(data["images"]):
         where = f"{path}: images[{i}]"
-        if not isinstance(im, dict):
-            raise ManifestError(f"{where}: expected an object")
-        for key in ("filename", "split", "sentences"):
-            if key not in im:
-                raise ManifestError(f"{where}: missing field '{key}'")
-        if "all" not in splits and im["split"] not in splits:
+        try:
+            if "all" not in splits and _karpathy_split(im, where) not in splits:
+                continue
+            caps = _karpathy_captions(im, where)
+        except ManifestError as e:
+            record_error(e)
             continue
-        if not isinstance(im["sentences"], list):
-            raise ManifestError(f"{where}: field 'sentences' must be a list")
-        caps = []
-        for k, s in enumerate(im["sentences"]):
-            if isinstance(s, dict) and "raw" in s:
-                caps.append(s["raw"])
-            elif isinstance(s, dict) and isinstance(s.get("tokens"), list):
-                caps.append(" ".join(map(str, s["tokens"])))
-            else:
-                raise ManifestError(f"{where}: sentences[{k}]: missing field 'raw'")
         rel = os.path.join(str(im.get("filepath", "")), str(im["filename"]))
         meta = {"split": im["split"], "file_name": im["filename"]}
         for key in ("imgid", "cocoid"):
@@ -131,6 +136,29 @@ def read_karpathy(manifest: Manifest) -> Iterator[CaptionRecord]:
             meta["coco_id"] = im["cocoid"]
         meta["caption_sources"] = [f"{where}.sentences[{k}]" for k in range(len(caps))]
         yield CaptionRecord(Path(str(im["filename"])).stem, resolve_image(manifest.root, rel), tuple(caps), where, meta)
+
+
+def _karpathy_split(im: Any, where: str) -> Any:
+    if not isinstance(im, dict):
+        raise ManifestError(f"{where}: expected an object")
+    for key in ("filename", "split", "sentences"):
+        if key not in im:
+            raise ManifestError(f"{where}: missing field '{key}'")
+    return im["split"]
+
+
+def _karpathy_captions(im: dict, where: str) -> list:
+    if not isinstance(im["sentences"], list):
+        raise ManifestError(f"{where}: field 'sentences' must be a list")
+    caps = []
+    for k, s in enumerate(im["sentences"]):
+        if isinstance(s, dict) and "raw" in s:
+            caps.append(s["raw"])
+        elif isinstance(s, dict) and isinstance(s.get("tokens"), list):
+            caps.append(" ".join(map(str, s["tokens"])))
+        else:
+            raise ManifestError(f"{where}: sentences[{k}]: missing field 'raw'")
+    return caps
 
 
 # ----------------------------------------------------------------------------------------- flickr8k
@@ -148,11 +176,13 @@ def read_flickr8k(manifest: Manifest) -> Iterator[CaptionRecord]:
     for lineno, line in read_lines(path):
         where = f"{path}:{lineno}"
         if "\t" not in line:
-            raise ManifestError(f"{where}: expected 'IMAGE#N<TAB>caption', found no tab in {line[:80]!r}")
+            record_error(ManifestError(f"{where}: expected 'IMAGE#N<TAB>caption', found no tab in {line[:80]!r}"))
+            continue
         left, caption = line.split("\t", 1)
         image = left.rsplit("#", 1)[0] if "#" in left else left
         if not image:
-            raise ManifestError(f"{where}: empty image name before the tab")
+            record_error(ManifestError(f"{where}: empty image name before the tab"))
+            continue
         caps.setdefault(image, []).append((caption.strip(), where))
     split = path_field(manifest, "split_file")
     if split is None:
@@ -164,7 +194,8 @@ def read_flickr8k(manifest: Manifest) -> Iterator[CaptionRecord]:
         for lineno, line in read_lines(split):
             name = line.strip()
             if name not in caps:
-                raise ManifestError(f"{split}:{lineno}: image {name!r} has no captions in {path}")
+                record_error(ManifestError(f"{split}:{lineno}: image {name!r} has no captions in {path}"))
+                continue
             names.append((name, f"{split}:{lineno}"))
     for name, _ in names:
         entries = caps[name]
@@ -190,9 +221,11 @@ def _table_rows(path: Path, delimiter: str | None) -> Iterator[tuple[str, dict]]
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
+                record_error(ManifestError(f"{where}: not valid JSON ({e.msg})"))
+                continue
             if not isinstance(obj, dict):
-                raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                record_error(ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}"))
+                continue
             yield where, obj
         return
     if delimiter is None:
@@ -207,7 +240,8 @@ def _table_rows(path: Path, delimiter: str | None) -> Iterator[tuple[str, dict]]
                 where = f"{path}:{line_start}"
                 line_start = reader.line_num + 1
                 if None in row:
-                    raise ManifestError(f"{where}: more values than header columns ({len(reader.fieldnames)})")
+                    record_error(ManifestError(f"{where}: more values than header columns ({len(reader.fieldnames)})"))
+                    continue
                 yield where, row
     except csv.Error as e:
         raise ManifestError(f"{path}: CSV error: {e}") from None
@@ -286,21 +320,31 @@ def read_table(manifest: Manifest) -> Iterator[Record]:
     """
     path = records_file(manifest)
     delimiter = manifest.fields.get("delimiter")
+    if not isinstance(manifest.fields.get("columns") or {}, dict):
+        raise ManifestError(f"{manifest.path}: field 'columns' must be a mapping such as {{image: filepath, caption: title}}")
     if manifest.kind == "classification":
         for where, row in _table_rows(path, delimiter):
-            image = _pick_column(manifest, "image", row, where, True)
-            label = _label_index(manifest, _pick_column(manifest, "label", row, where, True), where)
-            rid = _pick_column(manifest, "id", row, where, False)
+            try:
+                image = _pick_column(manifest, "image", row, where, True)
+                label = _label_index(manifest, _pick_column(manifest, "label", row, where, True), where)
+                rid = _pick_column(manifest, "id", row, where, False)
+            except ManifestError as e:
+                record_error(e)
+                continue
             yield ClassificationRecord(str(rid if rid not in (None, "") else image),
                                        resolve_image(manifest.root, str(image)), label, where, {})
         return
     merged: "OrderedDict[tuple[str, str], list]" = OrderedDict()
     for where, row in _table_rows(path, delimiter):
-        image = _pick_column(manifest, "image", row, where, True)
-        if image is None or str(image) == "":
-            raise ManifestError(f"{where}: empty image path")
-        caps = _as_captions(_pick_column(manifest, "caption", row, where, True))
-        rid = _pick_column(manifest, "id", row, where, False)
+        try:
+            image = _pick_column(manifest, "image", row, where, True)
+            if image is None or str(image) == "":
+                raise ManifestError(f"{where}: empty image path")
+            caps = _as_captions(_pick_column(manifest, "caption", row, where, True))
+            rid = _pick_column(manifest, "id", row, where, False)
+        except ManifestError as e:
+            record_error(e)
+            continue
         rid = str(rid) if rid not in (None, "") else str(image)
         entry = merged.setdefault((rid, str(image)), [where, [], []])
         entry[1].extend(caps)
@@ -334,15 +378,19 @@ def read_labels_txt(manifest: Manifest) -> Iterator[ClassificationRecord]:
         where = f"{path}:{lineno}"
         parts = line.strip().split(None, maxsplit)
         if max(icol, lcol) >= len(parts):
-            raise ManifestError(f"{where}: expected at least {max(icol, lcol) + 1} columns, got {len(parts)} in {line[:80]!r}")
+            record_error(ManifestError(f"{where}: expected at least {max(icol, lcol) + 1} columns, got {len(parts)} "
+                                       f"in {line[:80]!r}"))
+            continue
         raw = parts[lcol].strip()
         if label_by == "name":
             if raw not in names:
-                raise ManifestError(f"{where}: label {raw!r} is not one of the manifest's classnames")
+                record_error(ManifestError(f"{where}: label {raw!r} is not one of the manifest's classnames"))
+                continue
             label = names[raw]
         else:
             if not re.fullmatch(r"-?\d+", raw):
-                raise ManifestError(f"{where}: label column {lcol} is {raw!r}, not an integer (label_by: index)")
+                record_error(ManifestError(f"{where}: label column {lcol} is {raw!r}, not an integer (label_by: index)"))
+                continue
             label = int(raw) - base
         image = pattern.format(parts[icol])
         yield ClassificationRecord(parts[icol], resolve_image(manifest.root, image), label, where, {})
@@ -366,21 +414,25 @@ def read_cub200(manifest: Manifest) -> Iterator[ClassificationRecord]:
         for lineno, line in read_lines(path):
             parts = line.split(None, 1)
             if len(parts) != 2:
-                raise ManifestError(f"{path}:{lineno}: expected 'IMAGE_ID VALUE', got {line[:80]!r}")
+                record_error(ManifestError(f"{path}:{lineno}: expected 'IMAGE_ID VALUE', got {line[:80]!r}"))
+                continue
             out[parts[0]] = (parts[1].strip(), f"{path}:{lineno}")
         return out
 
     images, labels, splits = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
     for image_id, (rel, where) in images.items():
-        for other, name in ((labels, "image_class_labels.txt"), (splits, "train_test_split.txt")):
-            if image_id not in other:
-                raise ManifestError(f"{where}: image id {image_id} has no entry in {root / name}")
+        missing = [name for other, name in ((labels, "image_class_labels.txt"), (splits, "train_test_split.txt"))
+                   if image_id not in other]
+        if missing:
+            record_error(ManifestError(f"{where}: image id {image_id} has no entry in {root / missing[0]}"))
+            continue
         is_train = splits[image_id][0] == "1"
         if "all" not in split and (("train" in split) != is_train):
             continue
         lab = labels[image_id][0]
         if not lab.isdigit():
-            raise ManifestError(f"{labels[image_id][1]}: class {lab!r} is not an integer")
+            record_error(ManifestError(f"{labels[image_id][1]}: class {lab!r} is not an integer"))
+            continue
         yield ClassificationRecord(image_id, str(root / "images" / rel), int(lab) - 1, where, {})
 
 
@@ -446,6 +498,8 @@ def read_flowers102(manifest: Manifest) -> Iterator[ClassificationRecord]:
                 ids.extend(int(x) for x in np.atleast_1d(setid[var]).ravel())
     for n in ids:
         if not 1 <= n <= len(lab):
-            raise ManifestError(f"{root / 'setid.mat'}: image number {n} is outside imagelabels.mat's {len(lab)} labels")
+            record_error(ManifestError(f"{root / 'setid.mat'}: image number {n} is outside imagelabels.mat's "
+                                       f"{len(lab)} labels"))
+            continue
         name = f"image_{n:05d}.jpg"
         yield ClassificationRecord(name, str(root / "jpg" / name), lab[n - 1] - 1, f"{root / 'imagelabels.mat'}: labels[{n - 1}]", {})

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import sys
 import tarfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,7 @@ from .manifest import (
     ManifestError,
     Record,
     expand_path,
+    record_error,
     register_reader,
 )
 
@@ -167,9 +169,18 @@ def read_webdataset(manifest: Manifest) -> Iterator[Record]:
     want = {cap_ext, lab_ext, "json"}
     for shard in manifest_shards(manifest):
         if not shard.is_file():
-            raise ManifestError(f"{manifest.path}: field 'shards': shard not found: {shard}")
-        for i, sample in enumerate(iter_tar_samples(shard, want=lambda e: e in want)):
-            yield _wds_record(sample, manifest.kind, img_exts, cap_ext, lab_ext, i)
+            record_error(ManifestError(f"{manifest.path}: field 'shards': shard not found: {shard}"))
+            continue
+        try:  # a corrupt shard is reported and the next one read (data check reports every one)
+            for i, sample in enumerate(iter_tar_samples(shard, want=lambda e: e in want)):
+                try:
+                    record = _wds_record(sample, manifest.kind, img_exts, cap_ext, lab_ext, i)
+                except ManifestError as e:
+                    record_error(e)
+                    continue
+                yield record
+        except ManifestError as e:
+            record_error(e)
 
 
 def manifest_num_samples(manifest: Manifest) -> int | None:
@@ -279,6 +290,7 @@ class WebDatasetPairs(_IterableDataset):
         self.on_bad_sample = on_bad_sample
         self.epoch = 0
         self.skipped = 0
+        self.manifest: Path | None = None  # named in the error about a bad sample
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, preprocess: Callable, tokenizer: Callable,
@@ -286,7 +298,9 @@ class WebDatasetPairs(_IterableDataset):
         """Stream a ``webdataset`` manifest: all its shards, or ``shards`` (a subset, e.g. the training ones)."""
         img_exts, cap_ext, _ = _wds_exts(manifest)
         shards = manifest_shards(manifest) if shards is None else shards
-        return cls([str(s) for s in shards], preprocess, tokenizer, image_ext=img_exts, caption_ext=cap_ext, **kwargs)
+        pairs = cls([str(s) for s in shards], preprocess, tokenizer, image_ext=img_exts, caption_ext=cap_ext, **kwargs)
+        pairs.manifest = manifest.path
+        return pairs
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -302,9 +316,13 @@ class WebDatasetPairs(_IterableDataset):
         return [self.shards[i] for i in idx]
 
     def _bad(self, msg: str) -> None:
+        """A sample that cannot be used: raise naming it and the remedy, or count it and name it on stderr
+        (the streaming trainer never lists the shards, so this line is where a skipped sample is named)."""
         if self.on_bad_sample == "raise":
-            raise ManifestError(msg)
+            raise ManifestError(f"{msg}; check the shards with `clip-refine-lab data check {self.manifest or 'MANIFEST'}`,"
+                                " or pass --on-bad-sample skip to leave such samples out (the same run name resumes)")
         self.skipped += 1
+        print(f"on_bad_sample=skip: left out {msg}", file=sys.stderr)
 
     def __iter__(self):
         import numpy as np

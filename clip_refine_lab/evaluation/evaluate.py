@@ -19,6 +19,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.manifest import load_manifest
+from ..data.preflight import check_suite
 from ..distributed import resolve_device
 from ..embedded.base import resolve_pretrained
 from ..features import FeatureSet, dataset_features, weights_fingerprint
@@ -161,6 +162,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None 
     cfg = run_config(run_dir)
     dev = resolve_device(device)
     the_suite = load_suite(suite, cfg.preset)
+    check_suite(the_suite, data_root)
     base, refined = load_run_models(run_dir, dev, checkpoint)
     use_cache = cfg.image_cache if image_cache is None else image_cache
     n = len(the_suite.manifests())

@@ -262,6 +262,23 @@ def _save_spec(spec: SweepSpec, sweep_dir: Path) -> None:
         atomic_write(saved, yaml.safe_dump(current, sort_keys=False, allow_unicode=True))
 
 
+def check_runs_first(runs: Sequence[PlannedRun], sweep_dir: Path, spec: SweepSpec, *, evaluate: bool) -> None:
+    """Every unfinished run's options and training manifest, and the evaluation suites, checked before the
+    first run (:func:`clip_refine_lab.training.preflight.check_runs`); a derived training set not written
+    yet is checked through the set it is drawn from."""
+    from ..training.preflight import check_runs
+
+    def checked_config(run: PlannedRun) -> RunConfig:
+        if run.data_ref is not None and not (run.data_path is not None and run.data_path.is_file()):
+            return dataclasses.replace(run.config, data=run.data_ref.split)
+        return run.config
+
+    own = [r for r in runs if r.alias_of is None]
+    suites = [(suite_file(r, sweep_dir, spec.path), preset_name(r.config.preset)) for r in own] if evaluate else []
+    to_train = [r for r in own if not (r.run_dir / "summary.json").is_file()]  # finished runs are not trained again
+    check_runs([(r.key, checked_config(r)) for r in to_train], suites)
+
+
 # ==================================================================================== running
 def run_sweep(spec: SweepSpec | str | os.PathLike, output_dir: str | os.PathLike | None = None, *,
               progress: bool = True, only: Sequence[str] | None = None, max_runs: int | None = None,
@@ -282,6 +299,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, output_dir: str | os.PathLike
     if max_runs is not None:
         runs = runs[:max_runs]
     do_eval = spec.evaluate if evaluate is None else evaluate
+    check_runs_first(runs, sweep_dir, spec, evaluate=do_eval)
     _save_spec(spec, sweep_dir)
     report = SweepReport(sweep_dir)
     t_start = time.time()

@@ -55,6 +55,7 @@ from ..progress import progress_bar, stage
 from ..rundir import RunInUseError, RunLock, discard_run, truncate_log
 from ..utils import append_jsonl, atomic_write_json, read_jsonl, seed_everything
 from .caches import TeacherFeatures, prior_statistics
+from .preflight import check_run
 from .sources import is_manifest_path, open_source, resolve_data
 from .state import check_finite, check_parameters, check_validation_loss, load_state, run_is_complete, save_state
 
@@ -330,7 +331,7 @@ class Refiner:
             if self.rank == 0:
                 self._emit(log_path, {"kind": "val", "step": 0, "val_loss": best_val, "best": True})
         if self.source.skipped:
-            print(f"on_bad_sample=skip: skipped {self.source.skipped} unreadable or captionless samples")
+            print(self.source.skipped_report(self.run_dir))
         train_with_frozen_batch_norm(self.model)
         show = self.progress and self.rank == 0
         stage(f"Refining with {cfg.method} for {self.total_steps - step} steps", enabled=show,
@@ -461,6 +462,7 @@ def refine(config: RunConfig, *, progress: bool = True, resume: bool = True, res
     cached yet (each announced with one line).
     """
     cfg = config.resolved()
+    check_run(cfg, progress=progress)  # every manifest and option, before anything is written
     rank, world = world_info()
     if world > 1 and config.run_name is None:
         raise ConfigError("with several processes, set run_name so that every rank writes the same run")

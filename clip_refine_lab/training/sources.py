@@ -14,6 +14,7 @@ the epoch and its index, so a resumed run sees exactly the batches of an uninter
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .caches import decoded_image_cache
 # are measured on the first STREAM_STATS_SAMPLES training pairs of the stream.
 STREAM_VAL_MAX = 2000
 STREAM_STATS_SAMPLES = 10_000
+SKIPPED_FILE = "skipped_samples.jsonl"  # the records on_bad_sample=skip left out, one JSON object a line
 
 
 # ------------------------------------------------------------------------------------ the data
@@ -75,20 +77,39 @@ def collate_pairs(items: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     return (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]), [it[2] for it in items])
 
 
-def screen(records: list[CaptionRecord], on_bad_sample: str, *, progress: bool) -> tuple[list[CaptionRecord], int]:
-    """The records to train on and how many were dropped: with ``on_bad_sample="skip"``, records whose
-    image cannot be read or that have no text caption left after cleaning are dropped."""
+def screen(records: list[CaptionRecord], on_bad_sample: str, *, progress: bool
+           ) -> tuple[list[CaptionRecord], list[dict], int]:
+    """The records to train on, those left out (each ``{"where", "id", "image", "reason"}``) and the number
+    of captions dropped from kept records: with ``on_bad_sample="skip"``, records whose image cannot be read
+    or that have no text caption left after cleaning are left out, and empty or blank captions dropped."""
     if on_bad_sample != "skip":
-        return records, 0
+        return records, [], 0
     from ..data.check import clean_captions, is_readable
 
     stage(f"Screening {len(records)} samples for unreadable images and empty captions", enabled=progress)
-    good = []
+    good, skipped, dropped = [], [], 0
     for r in progress_bar(records, total=len(records), desc="screen samples", enabled=progress, unit="img"):
         cleaned = clean_captions(r)  # drops empty / non-text captions; None when none is left
-        if cleaned is not None and is_readable(cleaned) is None:
+        reason = "no non-empty text caption" if cleaned is None else is_readable(cleaned)
+        if reason is None:
             good.append(cleaned)
-    return good, len(records) - len(good)
+            dropped += len(r.captions) - len(cleaned.captions)
+        else:
+            skipped.append({"where": r.source, "id": r.id, "image": r.image, "reason": reason})
+    return good, skipped, dropped
+
+
+def write_skipped(path: Path, skipped: list[dict]) -> None:
+    """Every skipped record, one JSON object a line."""
+    from ..utils import atomic_write
+
+    atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in skipped))
+
+
+def skipped_line(skipped: list[dict], manifest: Path, listed_in: Path) -> str:
+    first = skipped[0]
+    return (f"on_bad_sample=skip: left out {len(skipped)} record(s) of {manifest} with an unreadable image or no "
+            f"usable caption, listed in {listed_in} (first: {first['where']} [id {first['id']}]: {first['reason']})")
 
 
 # ------------------------------------------------------------------------------ batch sizes and steps
@@ -139,7 +160,9 @@ class MapSource:
                  device: torch.device, progress: bool):
         self.cfg, self.manifest, self.base, self.rank, self.device = cfg, manifest, base, rank, device
         self.all_records = [r for r in manifest.records() if isinstance(r, CaptionRecord)]
-        self.records, self.skipped = screen(self.all_records, cfg.on_bad_sample, progress=progress)
+        self.records, self.skipped_records, self.dropped_captions = screen(self.all_records, cfg.on_bad_sample,
+                                                                           progress=progress)
+        self.skipped = len(self.skipped_records)
         self.train_idx, self.val_idx = split_train_val(len(self.records), cfg.val_fraction, cfg.seed)
         self.train_records = [self.records[i] for i in self.train_idx]
         self.val_records = [self.records[i] for i in self.val_idx]
@@ -149,9 +172,11 @@ class MapSource:
         images = (decoded_image_cache(self.all_records, self.records, base.preprocess, manifest, progress=progress)
                   if cfg.image_cache else None)
         self.train_set = CaptionPairs(self.train_records, base.preprocess, base.tokenizer, seed=cfg.seed,
-                                      image_cache=Subset(images, self.train_idx) if images is not None else None)
+                                      image_cache=Subset(images, self.train_idx) if images is not None else None,
+                                      manifest=manifest.path)
         self.val_set = CaptionPairs(self.val_records, base.preprocess, base.tokenizer, seed=cfg.seed + 1,
-                                    image_cache=Subset(images, self.val_idx) if images is not None else None)
+                                    image_cache=Subset(images, self.val_idx) if images is not None else None,
+                                    manifest=manifest.path)
 
     def batch_indices(self, epoch: int, batch_in_epoch: int) -> np.ndarray:
         """This rank's slice of the global batch ``batch_in_epoch`` of ``epoch``."""
@@ -189,14 +214,25 @@ class MapSource:
 
     def stats_features(self, model: torch.nn.Module, *, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw features of every training image and its first caption, for the *-stats priors."""
-        image = encode_images(model, Images(self.train_records, self.base.preprocess), device=self.device,
+        images = Images(self.train_records, self.base.preprocess, manifest=self.manifest.path, skippable=True)
+        image = encode_images(model, images, device=self.device,
                               progress=progress, desc="prior stats")
         text = encode_texts(model, self.base.tokenizer, [r.captions[0] for r in self.train_records],
                             device=self.device, progress=False)
         return image, text
 
+    def skipped_report(self, run_dir: Path) -> str:
+        """The line saying how many records were left out and where they are listed (rank 0 lists them
+        in the run directory)."""
+        if self.rank == 0:
+            write_skipped(run_dir / SKIPPED_FILE, self.skipped_records)
+        return skipped_line(self.skipped_records, self.manifest.path, run_dir / SKIPPED_FILE)
+
     def summary(self) -> dict:
-        return {}
+        out: dict = {"skipped_samples_file": SKIPPED_FILE} if self.skipped else {}
+        if self.dropped_captions:
+            out["dropped_empty_captions"] = self.dropped_captions
+        return out
 
 
 # --------------------------------------------------------------------------------- streaming
