@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("clip", "siglip")
 #: The optional dependency group that installs what Hugging Face tokenizers need.
 TOKENIZER_EXTRA = "siglip"
 
