@@ -29,6 +29,8 @@ __all__ = [
     "l2_alignment",
     "spherical_interpolation",
     "m2_mix_loss",
+    "sigmoid_contrastive_loss",
+    "m2_mix_sigmoid_loss",
 ]
 
 # m²-mix: cosines are clamped this far inside [-1, 1] so that arccos (and its derivative
@@ -280,3 +282,80 @@ def m2_mix_loss(
     logits_text = torch.where(diagonal, positive.unsqueeze(1), y @ mixed.T) * logit_scale
     labels = torch.arange(x.shape[0], device=x.device)
     return F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)
+
+
+def _pairwise_sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss on a B×B logit matrix whose diagonal holds the true pairs:
+    −(1/B) Σ_{k,j} log σ(y[k,j]·logits[k,j]) with y = +1 on the diagonal and −1 elsewhere."""
+    num_rows = logits.shape[0]
+    labels = 2 * torch.eye(num_rows, logits.shape[1], device=logits.device, dtype=logits.dtype) - torch.ones_like(logits)
+    return -F.logsigmoid(labels * logits).sum() / num_rows
+
+
+def sigmoid_contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023), equal to open_clip's ``SigLipLoss`` on one process.
+
+        logits = logit_scale · F̂_I F̂_Tᵀ + logit_bias,   y[k,j] = +1 if j = k else −1
+        L = −(1/B) Σ_{k,j} log σ(y[k,j] · logits[k,j])
+
+    Every image-text pair of the batch is an independent binary decision, true pair or not; the
+    learned bias (−10 at initialisation) offsets the B − 1 negatives of each row. ``logit_scale`` is
+    the exponentiated scale (``model.logit_scale.exp()``) and ``logit_bias`` the model's
+    ``logit_bias``, tensors (their gradients flow) or floats. The features are normalised here.
+
+    Distributed: open_clip's ``SigLipLoss`` sums, on each process, its local images against the
+    texts of every process (divided by the local batch size), and DDP averages the gradients: that
+    is exactly this B×B loss on the all-gathered global batch, which is what the trainer computes.
+    """
+    _check_pairs("sigmoid_contrastive_loss", image_features, text_features)
+    image = F.normalize(image_features, dim=-1)
+    text = F.normalize(text_features, dim=-1)
+    return _pairwise_sigmoid_loss(logit_scale * image @ text.T + logit_bias)
+
+
+def _m2_mixed_cosines(image_features: torch.Tensor, text_features: torch.Tensor,
+                      lam: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """m²-mix's B×B cosine matrices: the true pair on the diagonal, the mixed embeddings of the other
+    pairs off it (rows: the images, then the texts; :func:`m2_mix_loss` documents the construction)."""
+    lam_value = float(lam)
+    if not 0.0 <= lam_value <= 1.0:
+        raise ValueError(f"m2-mix lambda must be in [0, 1], got {lam_value}")
+    x = F.normalize(image_features, dim=-1)
+    y = F.normalize(text_features, dim=-1)
+    mixed = spherical_interpolation(x, y, lam)
+    positive = (x * y).sum(dim=-1)
+    diagonal = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    return (torch.where(diagonal, positive.unsqueeze(1), x @ mixed.T),
+            torch.where(diagonal, positive.unsqueeze(1), y @ mixed.T))
+
+
+def m2_mix_sigmoid_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    lam: torch.Tensor | float,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+) -> torch.Tensor:
+    """m²-mix's hard-negative term for a sigmoid-loss (SigLIP) model: the same logits, SigLIP's loss.
+
+    With the cosine matrices of :func:`m2_mix_loss` (true pair x_k·y_k on the diagonal, x_k·m_j and
+    y_k·m_j for the mixed embeddings m_j of the other pairs off it):
+
+        L^I = s · C^I + b,   L^T = s · C^T + b
+        L_m² = sig(L^I) + sig(L^T),   sig(L) = −(1/B) Σ_{k,j} log σ(y[k,j] · L[k,j])
+
+    m²-mix hardens the negatives of the model's own contrastive objective; for a model trained with
+    the sigmoid loss that objective scores each pair on its own, so the mixed embeddings enter as
+    extra negatives of SigLIP's pairwise loss (with the model's learned scale s and bias b) rather
+    than of a softmax it was never trained with. The full baseline objective is
+    ``sigmoid_contrastive_loss + w · m2_mix_sigmoid_loss``.
+    """
+    _check_pairs("m2_mix_sigmoid_loss", image_features, text_features)
+    cosines_image, cosines_text = _m2_mixed_cosines(image_features, text_features, lam)
+    return (_pairwise_sigmoid_loss(logit_scale * cosines_image + logit_bias)
+            + _pairwise_sigmoid_loss(logit_scale * cosines_text + logit_bias))

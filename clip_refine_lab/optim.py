@@ -3,7 +3,7 @@ post-pre-training.
 
 AdamW with open_clip's weight-decay split (no decay on gains, biases and the logit scale) or, for the
 released CLIP-Refine code's setting, decay on every parameter; a linear warm-up followed by a cosine
-decay to zero (or a constant rate); and CLIP's clamp of the learned temperature at 100.
+decay to zero (or a constant rate); and open_clip's clamp of the learned temperature at 100.
 """
 
 from __future__ import annotations
@@ -64,5 +64,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @torch.no_grad()
 def clamp_logit_scale(model: torch.nn.Module) -> None:
-    """Keep CLIP's learned temperature at or below 100 after each optimiser step, as CLIP does."""
+    """Keep the learned temperature at or below 100 after each optimiser step, as open_clip's training does.
+
+    The same rule for every model family. CLIP caps exp(logit_scale) at 100, and open_clip's trainer
+    (``open_clip_train/train.py``) clamps the log-scale to [0, ln 100] after every step for every
+    model, its ``--siglip`` runs included, and never clamps ``logit_bias``; so does this, and a
+    SigLIP refined here follows the rule it follows when fine-tuned with open_clip. Released SigLIP
+    weights sit above the cap (ViT-SO400M-14-SigLIP-384: exp(4.72) ≈ 112; their pre-training did not
+    cap it), so their first step here brings the scale to 100, as open_clip's fine-tuning does. The
+    scale only enters the contrastive losses, never the features, so evaluation does not see it.
+    """
     model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))

@@ -35,7 +35,8 @@ HIT_COLOUR = "#2ca02c"
 MISS_COLOUR = "#d62728"
 TEMPLATE = "plotly_white"
 # log-record keys that are not loss terms
-_NOT_TERMS = {"kind", "step", "epoch", "lr", "gap", "image_norm", "text_norm", "logit_scale", "pairs_per_s"}
+_NOT_TERMS = {"kind", "step", "epoch", "lr", "gap", "image_norm", "text_norm", "logit_scale", "logit_bias",
+              "pairs_per_s"}
 _BROWSER_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome",
                        "/usr/bin/google-chrome-stable")
 

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from . import families
 from .checkpoints import CHECKPOINT_SUFFIXES, ModelSpec, read_checkpoint_meta
 
 CONFIG_DIR = Path(__file__).parent.parent / "embedded" / "model_configs"
@@ -52,7 +53,7 @@ class LoadedModel:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if self.model.text_projection is not None else 0
+        return families.embed_dim(self.model)
 
     @property
     def image_size(self) -> int:
@@ -142,6 +143,8 @@ def load_model(
                          ("resize_mode", "image_resize_mode")):
         if ours in preprocess_cfg:
             kwargs[theirs] = tuple(preprocess_cfg[ours]) if isinstance(preprocess_cfg[ours], list) else preprocess_cfg[ours]
+    if missing := families.missing_tokenizer_dependencies(arch, cache_dir):
+        raise ModelNotAvailableError(missing)
     with _hub_offline_if_needed():
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu, cache_dir=cache_dir,

@@ -39,6 +39,8 @@ def _sdpa_block_class():
             qkv = F.linear(q_x, mha.in_proj_weight, mha.in_proj_bias)
             q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
             mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None  # additive, as open_clip passes it
+            if mask is not None and mask.dim() == 3:  # per-row masks (padding masks) come as (batch*heads, L, L)
+                mask = mask.view(batch, heads, length, mask.shape[-1])
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                  dropout_p=mha.dropout if self.training else 0.0)
             out = out.transpose(1, 2).reshape(batch, length, width)
@@ -77,7 +79,9 @@ def encode_text_trimmed(model: torch.nn.Module, text: torch.Tensor, buckets: int
     ``eos``) or the first one, so no output it pools depends on a later column: dropping the trailing
     columns that are padding (token 0) in every row gives the same features up to float summation order, at
     the cost of the captions actually present (web alt-text averages 13 of the tiny models' 32 tokens).
-    Other text towers (custom/HF text, ``last`` pooling, no causal mask) take the plain ``encode_text``."""
+    Other text towers take the plain ``encode_text``: without a causal mask every position sees the padding
+    after it, and ``last`` pooling reads the final column itself, so trimming would change the features.
+    SigLIP's text tower (a ``CustomTextCLIP``'s ``model.text``) is both."""
     from open_clip.model import CLIP
     from open_clip.transformer import text_global_pool
 
@@ -147,9 +151,10 @@ def use_channels_last(model: torch.nn.Module) -> bool:
 def compile_towers(model: torch.nn.Module) -> None:
     """``torch.compile`` the image and text towers in place (``nn.Module.compile``: state-dict keys unchanged).
 
-    Worth it on GPU for long runs; the first steps pay the compilation (minutes for ViT-B-32). On a small
-    CPU it measured slower than eager (benchmarks/RESULTS.md)."""
-    for name in ("visual", "transformer"):
+    The text tower is CLIP's ``transformer`` or a ``CustomTextCLIP``'s (SigLIP's) ``text``. Worth it on GPU
+    for long runs; the first steps pay the compilation (minutes for ViT-B-32). On a small CPU it measured
+    slower than eager (benchmarks/RESULTS.md)."""
+    for name in ("visual", "transformer", "text"):
         tower = getattr(model, name, None)
         if tower is not None:
             tower.compile()

@@ -47,6 +47,7 @@ from ..distributed import gather_features, resolve_device, world_info
 from ..embedded.base import ensure_base, ensure_world, resolve_pretrained
 from ..methods import Method, get_method, loss_terms
 from ..models.checkpoints import save_checkpoint
+from ..models.families import logit_bias
 from ..models.loading import EMBEDDED_TAG, LoadedModel, load_model
 from ..models.speed import compile_towers, train_with_frozen_batch_norm, use_channels_last, use_sdpa_attention
 from ..optim import build_adamw, clamp_logit_scale, lr_at, set_lr
@@ -74,14 +75,18 @@ def beta_inverse_cdf(beta: float, u: float) -> float:
     return float(betaincinv(beta, beta, u))
 
 
-def step_record(terms: dict, step: int, epoch: int, lr: float, pairs_per_s: float, logit_scale: float) -> dict:
-    """One log line: every loss term, lr, the batch modality gap, mean raw norms, logit scale, throughput."""
+def step_record(terms: dict, step: int, epoch: int, lr: float, pairs_per_s: float, logit_scale: float,
+                logit_bias: float | None = None) -> dict:
+    """One log line: every loss term, lr, the batch modality gap, mean raw norms, logit scale (and the
+    logit bias of a sigmoid-loss model), throughput."""
     fi, ft = terms["_features"]
     fin, ftn = torch.nn.functional.normalize(fi, dim=-1), torch.nn.functional.normalize(ft, dim=-1)
     record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr}
     record.update({k: float(v) for k, v in terms.items() if not k.startswith("_")})
     record.update(gap=float((fin.mean(0) - ftn.mean(0)).norm()), image_norm=float(fi.norm(dim=-1).mean()),
                   text_norm=float(ft.norm(dim=-1).mean()), logit_scale=logit_scale, pairs_per_s=pairs_per_s)
+    if logit_bias is not None:
+        record["logit_bias"] = logit_bias
     return record
 
 
@@ -202,12 +207,13 @@ class Refiner:
             # one lambda ~ Beta(beta, beta) per batch, drawn through the step generator (inverse CDF)
             extras["lam"] = beta_inverse_cdf(cfg.m2_beta, float(torch.rand((), generator=gen)))
         model = self.model
+        bias = logit_bias(model)  # SigLIP's learned bias: its contrastive terms are the sigmoid loss
         if not train:
             scale = model.logit_scale.exp()
             with torch.no_grad(), self.autocast():
                 fi, ft = gather_features(model.encode_image(images).float(), model.encode_text(tokens).float())
-                return {k: v.detach() for k, v in loss_terms(method, cfg, fi, ft, logit_scale=scale, **extras).items()} | {
-                    "_features": (fi, ft)}
+                return {k: v.detach() for k, v in loss_terms(method, cfg, fi, ft, logit_scale=scale, logit_bias=bias,
+                                                             **extras).items()} | {"_features": (fi, ft)}
         micro = images.shape[0] // cfg.accum_steps
         chunks = [(slice(j * micro, (j + 1) * micro)) for j in range(cfg.accum_steps)]
         if cfg.accum_steps > 1:
@@ -224,11 +230,13 @@ class Refiner:
             else:
                 fi_local, ft_local = fi_j, ft_j
             fi, ft = gather_features(fi_local, ft_local)
-            # The logit scale enters the loss directly, not through this micro-batch's features: only the
-            # first micro-step of rank 0 carries its gradient, or it would be counted accum_steps times
+            # The logit scale (and bias) enter the loss directly, not through this micro-batch's features: only
+            # the first micro-step of rank 0 carries their gradient, or it would be counted accum_steps times
             # (and, with the x world_size below, world_size times after averaging across ranks).
-            scale = model.logit_scale.exp() if j == 0 and self.rank == 0 else model.logit_scale.exp().detach()
-            terms = loss_terms(method, cfg, fi, ft, logit_scale=scale, **extras)
+            carries = j == 0 and self.rank == 0
+            scale = model.logit_scale.exp() if carries else model.logit_scale.exp().detach()
+            step_bias = bias if carries or bias is None else bias.detach()
+            terms = loss_terms(method, cfg, fi, ft, logit_scale=scale, logit_bias=step_bias, **extras)
             check_finite(terms, step, self.run_dir)
             # Every rank computed the global-batch loss; x world_size makes the averaged gradients exact.
             backward_loss = terms["loss"] * self.world_size
@@ -355,8 +363,10 @@ class Refiner:
             if self.rank == 0 and (step % cfg.log_every == 0 or step == self.total_steps):
                 if self.device.type == "cuda":  # kernels run asynchronously: time the step, not its launch
                     torch.cuda.synchronize(self.device)
+                bias = logit_bias(self.model)
                 record = step_record(terms, step, epoch, lr, cfg.batch_size / (time.perf_counter() - t0),  # type: ignore[operator]
-                                     float(self.model.logit_scale.exp().item()))
+                                     float(self.model.logit_scale.exp().item()),
+                                     None if bias is None else float(bias.item()))
                 self._emit(log_path, record)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "rafa", "hycd", "clip", "gap")})
             bar.update(1)
