@@ -146,6 +146,8 @@ CASES: dict[str, Case] = {
                                                expect=("prior_vector has 3 numbers", "micro-vit-32", "give 32 numbers")),
     "image size vs architecture": Case(REFINE + ("--model", "tiny-vit-48"),
                                        expect=("tiny-vit-48 takes 48x48 images", "32x32", "--model micro-vit-32")),
+    "embedded base of a sigmoid-loss architecture": Case(REFINE + ("--model", "micro-sigmoid-32"),
+                                                         expect=("sigmoid-loss", "--pretrained FILE")),
     "unknown architecture": Case(REFINE + ("--model", "ViT-B-23"),
                                  expect=("unknown architecture 'ViT-B-23'", "did you mean 'ViT-B-32'?")),
     "leakage suite not found": Case(REFINE + ("--leakage-suite", "{tmp}/no-suite.yaml"),

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import PRESETS, preset_name
+from ..config import PRESETS, ConfigError, preset_name
 from ..metrics import zero_shot_average
 from ..optim import build_adamw, clamp_logit_scale, lr_at, set_lr
 from ..progress import progress_bar, stage
@@ -83,6 +83,7 @@ def base_checkpoint_path(arch: str | None = None, *, world_preset: str | None = 
                          recipe: PretrainRecipe | None = None) -> Path:
     preset = PRESETS[preset_name(world_preset)]
     arch = arch or preset.model
+    refuse_sigmoid_family(arch)
     recipe = recipe or RECIPES[preset.name]
     world_cfg = WorldConfig.preset(preset.world)
     # Unset optional fields (None, or an off switch) stay out of the key, so adding one does not invalidate
@@ -90,6 +91,21 @@ def base_checkpoint_path(arch: str | None = None, *, world_preset: str | None = 
     recipe_key = {k: v for k, v in asdict(recipe).items() if v is not None and v is not False}
     key = stable_hash([PRETRAIN_VERSION, WORLD_VERSION, world_cfg.key_dict(), arch, recipe_key])
     return cache_dir() / "base" / f"{arch}-{key}.safetensors"
+
+
+def refuse_sigmoid_family(arch: str) -> None:
+    """The embedded pre-training trains CLIP's softmax objective; a sigmoid-loss (SigLIP-shaped)
+    architecture would come out with an untrained logit bias, so it is refused with the remedy."""
+    import open_clip
+
+    from ..models.families import config_family
+    from ..models.loading import register_tiny_architectures
+
+    register_tiny_architectures()
+    if config_family(open_clip.get_model_config(arch)) == "siglip":
+        raise ConfigError(f"'{arch}' is a sigmoid-loss (SigLIP-shaped) architecture, and the embedded base is "
+                          "pre-trained with CLIP's softmax loss only: start from a checkpoint file instead "
+                          f"(--model {arch} --pretrained FILE)")
 
 
 def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, recipe: PretrainRecipe | None = None,
@@ -107,6 +123,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
 
     preset = PRESETS[preset_name(world_preset)]
     arch = arch or preset.model
+    refuse_sigmoid_family(arch)
     recipe = recipe or RECIPES[preset.name]
     world = build_world(WorldConfig.preset(preset.world), progress=progress)
     stage(f"Pre-training the embedded base {arch} on synthetic-web",

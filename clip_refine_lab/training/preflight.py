@@ -27,6 +27,7 @@ from typing import Sequence
 from ..config import PRESETS, ConfigError, RunConfig
 from ..data.manifest import ManifestError
 from ..data.preflight import check_suite, preflight_manifest
+from ..embedded.pretrain import refuse_sigmoid_family
 from ..embedded.world import WorldConfig, world_root
 from ..models.checkpoints import CHECKPOINT_SUFFIXES, read_checkpoint_meta
 from ..models.loading import EMBEDDED_TAG, register_tiny_architectures, tiny_architectures
@@ -90,6 +91,7 @@ def check_embedded_image_size(cfg: RunConfig, arch: str, model_cfg: dict) -> Non
     """The embedded base is pre-trained on the world's images as they are: the sizes must agree."""
     if cfg.pretrained != EMBEDDED_TAG:
         return
+    refuse_sigmoid_family(arch)
     size, world = image_size_of(model_cfg), world_image_size(str(cfg.preset))
     if size is None or size == world:
         return
