@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,8 @@ FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safete
                   "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
                   "model.pth")  # open_clip's order of preference for a folder's weights file
 OPENAI_JIT_KEYS = ("input_resolution", "context_length", "vocab_size")  # OpenAI archives' non-weight entries
+HUB_PROBE_SECONDS = 60.0
+_HUB_PROBE: dict = {"at": -HUB_PROBE_SECONDS - 1, "offline": False}
 _REGISTERED = False
 
 __all__ = ["LoadedModel", "ModelLoadError", "ModelNotAvailableError", "load_model", "reload_spec",
@@ -140,9 +143,10 @@ def load_model(
         return _load_tag(arch, pretrained, device, quick_gelu, cache_dir)
     architecture = resolve_architecture(arch, cache_dir)
     if arch.startswith(SCHEMA_PREFIXES):
-        weights = folder_weights(arch, cache_dir)
-        return _build_and_load(architecture, weights, None, device, bool(quick_gelu), architecture.preprocess, cache_dir)
-    return _build_and_load(architecture, None, None, device, bool(quick_gelu), {}, cache_dir)
+        weights = folder_weights(arch, cache_dir)  # pretrained stays None: the folder's own weights
+        return _build_and_load(architecture, weights, None, None, device, bool(quick_gelu), architecture.preprocess,
+                               cache_dir)
+    return _build_and_load(architecture, None, None, None, device, bool(quick_gelu), {}, cache_dir)
 
 
 def reload_spec(spec: ModelSpec, weights: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
@@ -296,16 +300,18 @@ def _load_file(arch: str, path: Path, fallback: Architecture | None, device, qui
         preprocess = architecture.preprocess
     else:
         raise ModelLoadError(f"{path} records no architecture; name it, e.g. load_model('ViT-B-32', '{path}')")
-    return _build_and_load(architecture, path, recorded, device, bool(quick_gelu), preprocess, cache_dir)
+    return _build_and_load(architecture, path, str(path), recorded, device, bool(quick_gelu), preprocess, cache_dir)
 
 
-def _build_and_load(architecture: Architecture, weights: Path | None, recorded: str | None, device, quick_gelu: bool,
-                    preprocess: dict, cache_dir: str | None) -> LoadedModel:
-    """Build ``architecture`` without weights, then load ``weights`` strictly (None: random init)."""
+def _build_and_load(architecture: Architecture, weights: Path | None, pretrained: str | None, recorded: str | None,
+                    device, quick_gelu: bool, preprocess: dict, cache_dir: str | None) -> LoadedModel:
+    """Build ``architecture`` without weights, then load ``weights`` strictly (None: random init);
+    ``pretrained`` is what the spec records, ``recorded`` the architecture a header names."""
+    quick_gelu = quick_gelu or bool(architecture.model_cfg.get("quick_gelu"))  # a -quickgelu config has it built in
     model, transform = _build(architecture, quick_gelu, preprocess, device, cache_dir, random_init=weights is None)
     if weights is not None:
         load_state_dict_strictly(model, read_state_dict(weights), weights, architecture.name, recorded)
-    return _finish(model, transform, architecture, str(weights) if weights else None, quick_gelu, preprocess, cache_dir)
+    return _finish(model, transform, architecture, pretrained, quick_gelu, preprocess, cache_dir)
 
 
 def _build(architecture: Architecture, quick_gelu: bool, preprocess: dict, device, cache_dir: str | None, *,
@@ -326,8 +332,12 @@ def _build(architecture: Architecture, quick_gelu: bool, preprocess: dict, devic
                 config = {"model_cfg": architecture.model_cfg,
                           "preprocess_cfg": {k: v for k, v in preprocess.items() if k != "size"}}
                 Path(tmp, CONFIG_FILE).write_text(json.dumps(config), encoding="utf-8")
-                model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tmp}", load_weights=False,
-                                                                            **common)
+                try:
+                    model, _, transform = open_clip.create_model_and_transforms(
+                        f"local-dir:{tmp}", load_weights=False, **common)
+                except (TypeError, KeyError, ValueError, AssertionError) as e:  # a config open_clip cannot build
+                    raise ModelLoadError(f"open_clip cannot build the model config of '{architecture.name}' "
+                                         f"({type(e).__name__}: {e})") from None
     return model, transform
 
 
@@ -442,14 +452,19 @@ def convert_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
 
 # ------------------------------------------------------------------------------- offline handling
 def hub_is_offline() -> bool:
-    """True when HF_HUB_OFFLINE is set or the hub cannot be reached within 3 seconds."""
+    """True when HF_HUB_OFFLINE is set or the hub cannot be reached within 3 seconds (the answer is
+    kept for a minute: one load asks several times)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return True
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=3):
-            return False
-    except OSError:
-        return True
+    now = time.monotonic()
+    if now - _HUB_PROBE["at"] > HUB_PROBE_SECONDS:
+        try:
+            with socket.create_connection(("huggingface.co", 443), timeout=3):
+                _HUB_PROBE["offline"] = False
+        except OSError:
+            _HUB_PROBE["offline"] = True
+        _HUB_PROBE["at"] = now
+    return bool(_HUB_PROBE["offline"])
 
 
 class _hub_offline_if_needed:
@@ -479,10 +494,13 @@ def _hub_file(name: str, filename: str | None, cache_dir: str | None) -> str:
         with _hub_offline_if_needed():
             return download_pretrained_from_hf(repo, filename=filename, cache_dir=cache_dir)
     except Exception as e:  # huggingface_hub raises many types (offline, missing entry, missing repo)
+        import huggingface_hub.constants as hc
+
         what = filename or "weights (open_clip_model.safetensors or open_clip_pytorch_model.bin)"
-        raise ModelNotAvailableError(f"'{name}': its {what} could not be found in the hub cache or downloaded "
-                                     f"({type(e).__name__}); copy the repository folder and use --model "
-                                     f"local-dir:PATH, or pass the weights file with --pretrained") from None
+        raise ModelNotAvailableError(
+            f"'{name}': its {what} is not in the Hugging Face cache ({cache_dir or hc.HF_HUB_CACHE}) and could not "
+            f"be downloaded ({type(e).__name__}); copy the hub cache from a machine with network (or set HF_HOME), "
+            f"or copy the repository as a folder and use --model local-dir:PATH") from None
 
 
 def _weights_cached(tag_cfg: dict | None, hf_id: str | None, cache_dir: str | None) -> bool:
