@@ -243,7 +243,9 @@ def _normalise(arch: str, pretrained: str | None) -> tuple[str, str | None]:
     """(arch, pretrained) with a lone checkpoint path moved to ``pretrained``, a folder path turned into
     ``local-dir:`` and ``local-dir:`` paths made absolute (so a run's base.json works from any folder)."""
     pretrained = pretrained or None
-    if pretrained is None and Path(arch).suffix in CHECKPOINT_SUFFIXES and Path(arch).is_file():
+    if pretrained is None and Path(arch).suffix in CHECKPOINT_SUFFIXES:
+        if not Path(arch).is_file():
+            raise ModelNotAvailableError(f"checkpoint file not found: {arch}")
         return "", arch
     return _normalise_name(arch), pretrained
 
