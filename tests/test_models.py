@@ -58,11 +58,20 @@ def test_uncached_pretrained_tag_fails_fast_offline():
     assert "'ViT-B-32' with pretrained tag 'openai'" in text and "--pretrained /path/to" in text
 
 
+def test_an_uncached_hf_hub_repository_fails_fast_offline():
+    start = time.monotonic()
+    with pytest.raises(ModelNotAvailableError, match="'hf-hub:nobody/nothing'.*not in the Hugging Face cache"):
+        load_model("hf-hub:nobody/nothing")
+    assert time.monotonic() - start < 10
+
+
 def test_unknown_tag_and_missing_file_are_clear(tmp_path):
     with pytest.raises(ModelNotAvailableError, match="nor a known pretrained tag of .micro-vit-32."):
         load_model("micro-vit-32", "laion9000")
     with pytest.raises(ModelNotAvailableError, match="checkpoint file not found"):
         load_model("micro-vit-32", str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ModelNotAvailableError, match="checkpoint file not found"):
+        load_model(str(tmp_path / "nope.safetensors"))
 
 
 def test_architecture_mismatch_is_refused(tmp_path):
