@@ -276,6 +276,8 @@ def _load_tag(arch: str, tag: str, device, quick_gelu: bool | None, cache_dir: s
             f"(known tags: {', '.join(tags) or 'none'}; our tiny architectures use '{EMBEDDED_TAG}')")
     quick_gelu = bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
     preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    if missing := families.missing_tokenizer_dependencies(arch, cache_dir):
+        raise ModelNotAvailableError(missing)
     _ensure_weights_reachable(arch, tag, tag_cfg, cache_dir)
     with _hub_offline_if_needed():
         model, _, transform = open_clip.create_model_and_transforms(
