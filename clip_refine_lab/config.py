@@ -298,6 +298,8 @@ class RunConfig:
             cfg.epochs = preset.epochs
         if cfg.data is None:
             cfg.data = DEFAULT_DATA
+        if cfg.pretrained == "embedded" and cfg.model.startswith(("hf-hub:", "local-dir:")):
+            cfg.pretrained = None  # such a name carries its own weights: the folder's, not an embedded base
         if cfg.run_name is None:
             cfg.run_name = f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
         cfg.validate()
@@ -387,7 +389,7 @@ FIELD_HELP: dict[str, str] = {
     "val_every": "validate every N steps (default: four times per epoch)",
     "checkpoint_every": "write the resumable checkpoint every N steps (default: with each validation)",
     "model": "open_clip architecture (ViT-B-32, ...) or one of ours (tiny-vit-48, ...); default from the preset",
-    "pretrained": "pretrained tag (openai, ...), a checkpoint file, or 'embedded' (our base model)",
+    "pretrained": "pretrained tag (openai, ...), a checkpoint file, or 'embedded' (our base model); an hf-hub: or local-dir: model uses its own weights",
     "quick_gelu": "force QuickGELU on/off (default: from the tag or checkpoint; OpenAI weights need it)",
     "data": "training pairs: a manifest YAML or a split of the embedded world (synthetic-coco, synthetic-web)",
     "data_root": "folder that ${CLIP_REFINE_LAB_DATA} in manifests stands for",
