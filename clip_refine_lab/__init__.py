@@ -25,6 +25,7 @@ _PUBLIC = {
     "refine": "clip_refine_lab.training.loop",
     "load_model": "clip_refine_lab.models.loading",
     "reload_spec": "clip_refine_lab.models.loading",
+    "export_open_clip_dir": "clip_refine_lab.models.loading",
     "ensure_world": "clip_refine_lab.embedded.base",
     "ensure_base": "clip_refine_lab.embedded.base",
     "evaluate_run": "clip_refine_lab.evaluation.evaluate",
