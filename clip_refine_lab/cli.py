@@ -99,7 +99,7 @@ def cmd_eval(args) -> int:
         raise ConfigError("eval takes a run directory (eval RUN_DIR) or a model alone (eval --model ARCH "
                           f"--pretrained TAG|FILE), {'not both' if args.run_dir else 'got neither'}")
     if args.run_dir is None:
-        result = evaluate_pretrained(args.model, args.pretrained, suite=args.suite, output_dir=args.output_dir,
+        result = evaluate_pretrained(args.model, args.pretrained, suite=args.suite, output_dir=args.output_dir or "runs",
                                      name=args.name, preset=args.preset, device=args.device, data_root=args.data_root,
                                      progress=not args.quiet)
         print(format_tables(result))

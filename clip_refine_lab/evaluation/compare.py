@@ -51,16 +51,12 @@ def model_rows(results: list[dict]) -> dict[str, dict]:
     """Table rows, label -> metrics: the first result's starting model as ``pre-trained``, then each run's
     refined model by name (marked when incomplete), and a model evaluated alone that is not first by its
     folder name."""
-    models: dict[str, dict] = {}
+    models: dict[str, dict] = {PRETRAINED_LABEL: results[0]["models"][PRETRAINED_LABEL]}
     for i, res in enumerate(results):
-        for label, metrics in res["models"].items():
-            if label == PRETRAINED_LABEL:
-                if i == 0:
-                    models[PRETRAINED_LABEL] = metrics
-                elif res.get("kind") == "pretrained":
-                    models[res["run_name"]] = metrics
-            else:
-                models[label + (INCOMPLETE_MARK if res.get("incomplete") else "")] = metrics
+        if i > 0 and res.get("kind") == "pretrained":
+            models[res["run_name"]] = res["models"][PRETRAINED_LABEL]
+        mark = INCOMPLETE_MARK if res.get("incomplete") else ""
+        models.update({label + mark: m for label, m in res["models"].items() if label != PRETRAINED_LABEL})
     return models
 
 
