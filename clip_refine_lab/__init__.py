@@ -30,6 +30,7 @@ _PUBLIC = {
     "ensure_base": "clip_refine_lab.embedded.base",
     "evaluate_run": "clip_refine_lab.evaluation.evaluate",
     "evaluate_model": "clip_refine_lab.evaluation.evaluate",
+    "evaluate_pretrained": "clip_refine_lab.evaluation.evaluate",
     "compare": "clip_refine_lab.evaluation.compare",
     "format_tables": "clip_refine_lab.evaluation.compare",
     "load_suite": "clip_refine_lab.evaluation.suites",

@@ -113,10 +113,24 @@ def cmd_world(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluation.compare import format_tables
-    from .evaluation.evaluate import evaluate_run
+    from .evaluation.evaluate import evaluate_pretrained, evaluate_run
 
+    if (args.run_dir is None) == (args.model is None):
+        raise ConfigError("eval takes a run directory (eval RUN_DIR) or a model alone (eval --model ARCH "
+                          f"--pretrained TAG|FILE), {'not both' if args.run_dir else 'got neither'}")
+    if args.run_dir is None:
+        result = evaluate_pretrained(args.model, args.pretrained, suite=args.suite, output_dir=args.output_dir or "runs",
+                                     name=args.name, preset=args.preset, device=args.device, data_root=args.data_root,
+                                     progress=not args.quiet)
+        print(format_tables(result))
+        print(f"metrics written to {result['run']}")
+        return 0
+    for flag in ("pretrained", "output_dir", "name", "preset"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"eval --{flag.replace('_', '-')} goes with --model (a model alone); a run "
+                              "directory brings its own model, preset and folder")
     result = evaluate_run(args.run_dir, suite=args.suite, device=args.device, progress=not args.quiet,
-                          data_root=args.data_root)
+                          data_root=args.data_root, allow_incomplete=args.allow_incomplete)
     print(format_tables(result))
     return 0
 
@@ -124,7 +138,7 @@ def cmd_eval(args) -> int:
 def cmd_compare(args) -> int:
     from .evaluation.compare import compare, format_tables
 
-    print(format_tables(compare(args.run_dirs)))
+    print(format_tables(compare(args.run_dirs, allow_incomplete=args.allow_incomplete)))
     return 0
 
 
@@ -182,15 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None)
     p.set_defaults(func=cmd_world)
 
-    p = sub.add_parser("eval", help="evaluate a run and its starting model; writes metrics.json and metrics.csv")
-    p.add_argument("run_dir")
+    p = sub.add_parser("eval", help="evaluate a run and its starting model, or a model alone (--model); writes "
+                                    "metrics.json and metrics.csv")
+    p.add_argument("run_dir", nargs="?", default=None, help="run directory to evaluate (or use --model)")
+    p.add_argument("--model", default=None, help="evaluate a model alone: an open_clip architecture (ViT-B-32), one "
+                                                 "of our tiny ones, or one of our checkpoint files")
+    p.add_argument("--pretrained", default=None, help="with --model: a pretrained tag (openai), a checkpoint file "
+                                                      "(.pt, .bin, .safetensors) or 'embedded' (our tiny bases)")
+    p.add_argument("--output-dir", default=None, help="with --model: where its folder pretrained-<arch>-<weights>/ "
+                                                      "goes (default: runs)")
+    p.add_argument("--name", default=None, help="with --model: the folder name instead of pretrained-<arch>-<weights>")
+    p.add_argument("--preset", default=None, help="with --model: the preset of the default suite and of "
+                                                  "'embedded' (default: $CLIP_REFINE_LAB_PRESET or default)")
     p.add_argument("--suite", default=None, help="task suite YAML (default: the embedded world's tasks)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-root", default=None, help="data root of the suite's manifests (a run: default its own)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="evaluate a run that has not finished (no summary.json) as it is; its metrics are marked")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compare", help="paper-layout tables of several evaluated runs")
-    p.add_argument("run_dirs", nargs="+")
+    p = sub.add_parser("compare", help="paper-layout tables of several evaluated runs and models")
+    p.add_argument("run_dirs", nargs="+", help="run directories or folders of models evaluated alone (paths, or "
+                                               "names under runs/)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="include runs that have not finished (no summary.json); their rows are marked [incomplete]")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("sweep", help="run a grid of runs from a spec (sweeps/*.yaml), evaluate them and write the "

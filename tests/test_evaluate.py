@@ -159,3 +159,167 @@ def test_shipped_suites_resolve(tmp_path):
     for path in sorted((Path(__file__).resolve().parents[1] / "data_manifests" / "suites").glob("*.yaml")):
         suite = load_suite(path)
         assert suite.zero_shot and all(p.is_file() for p in suite.zero_shot + suite.retrieval + suite.geometry)
+
+
+# ------------------------------------------------------------------------ a model alone, unfinished runs
+@pytest.fixture(scope="module")
+def small_real(tmp_path_factory):
+    """A random-init micro model saved as a plain .pt, a tiny Karpathy caption set, an image-folder
+    classification set and a suite of the two."""
+    from conftest_data import make_imagefolder, make_karpathy, write_manifest_yaml
+
+    d = tmp_path_factory.mktemp("small-real")
+    caps = make_karpathy(d / "flickr", [(f"{i}.jpg", "test", [f"photo {i}", f"picture {i}"]) for i in range(6)],
+                         name="flickr-mini")
+    make_imagefolder(d / "cls", {"cat": 3, "dog": 3, "fox": 2})
+    cls = write_manifest_yaml(d / "cls" / "animals.yaml", name="animals", kind="classification", format="imagefolder",
+                              root="images", classnames=["cat", "dog", "fox"], templates=["a photo of a {c}."])
+    suite = d / "suite.yaml"
+    suite.write_text(f"zero_shot: [{cls}]\nretrieval: [{caps}]\ngeometry: [{caps}]\n")
+    torch.manual_seed(0)
+    torch.save(load_model("micro-vit-32").model.state_dict(), d / "start.pt")
+    return {"dir": d, "suite": suite, "start": d / "start.pt", "captions": caps, "classes": cls}
+
+
+def test_eval_model_alone_writes_the_run_layout_and_sits_beside_runs(capsys, tmp_path, small_real, two_runs):
+    from clip_refine_lab.evaluation.evaluate import evaluate_model, evaluate_pretrained
+    from clip_refine_lab.evaluation.suites import load_suite
+
+    out = tmp_path / "out"
+    assert main(["--quiet", "eval", "--model", "micro-vit-32", "--pretrained", str(small_real["start"]),
+                 "--suite", str(small_real["suite"]), "--output-dir", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    folder = out / "pretrained-micro-vit-32-start"
+    assert "Table 1" in printed and f"metrics written to {folder}" in printed
+    model = json.loads((folder / "model.json").read_text())
+    assert (model["model"], model["pretrained"]) == ("micro-vit-32", str(small_real["start"]))
+    assert model["spec"]["arch"] == "micro-vit-32"
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["kind"] == "pretrained" and set(saved["models"]) == {"pre-trained"}
+    assert saved["suite"] == str(small_real["suite"].resolve())
+    assert saved["datasets"]["zero_shot"] == [{"name": "animals", "manifest": str(small_real["classes"].resolve())}]
+    assert saved["datasets"]["retrieval"] == [{"name": "flickr-mini", "manifest": str(small_real["captions"].resolve())}]
+    assert (folder / "metrics.csv").read_text().startswith("model,section,dataset,metric,value")
+    # the same numbers as measuring the loaded model directly
+    direct = evaluate_model(load_model("micro-vit-32", str(small_real["start"])), load_suite(small_real["suite"]),
+                            progress=False)
+    assert saved["models"]["pre-trained"] == json.loads(json.dumps(direct))
+    # from Python, without writing anything
+    assert evaluate_pretrained("micro-vit-32", str(small_real["start"]), suite=small_real["suite"], output_dir=None,
+                               progress=False, device="cpu")["models"] == saved["models"]
+
+    run = two_runs[0]
+    beside = compare([folder, run], evaluate_missing=True)["retrieval"]
+    assert list(beside.index) == ["pre-trained", "refine"]
+    after = compare([run, folder])["zero_shot"]
+    assert list(after.index) == ["pre-trained", "refine", "pretrained-micro-vit-32-start"]
+    assert after.loc["pretrained-micro-vit-32-start", "animals"] == pytest.approx(
+        100 * saved["models"]["pre-trained"]["zero_shot"]["animals"]["top1"])
+    assert main(["compare", str(folder), str(run)]) == 0
+    assert "pre-trained" in capsys.readouterr().out
+    # by default the folder goes beside the runs (runs/), where compare finds it by name
+    from clip_refine_lab.rundir import resolve_output_dir
+
+    assert main(["--quiet", "eval", "--model", "micro-vit-32", "--pretrained", str(small_real["start"]),
+                 "--suite", str(small_real["suite"]), "--name", "start-alone", "--device", "cpu"]) == 0
+    assert (resolve_output_dir("runs") / "start-alone" / "model.json").is_file()
+    capsys.readouterr()
+    assert main(["compare", str(run), "start-alone"]) == 0
+    assert "start-alone" in capsys.readouterr().out
+
+
+def test_eval_takes_a_run_or_a_model(capsys, tmp_path):
+    cases = [(["eval"], "got neither"),
+             (["eval", str(tmp_path), "--model", "micro-vit-32"], "not both"),
+             (["eval", str(tmp_path), "--pretrained", "openai"], "--pretrained goes with --model"),
+             (["eval", "--model", "ViT-B-32"], "name the weights of 'ViT-B-32'"),
+             (["eval", str(tmp_path / "nope")], "is not a run directory (no config.yaml)")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("clip-refine-lab: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_eval_and_compare_refuse_an_unfinished_run_unless_allowed(capsys, tmp_path, two_runs):
+    import shutil
+
+    run = tmp_path / "stopped"
+    shutil.copytree(two_runs[0], run, ignore=shutil.ignore_patterns("summary.json", "metrics.*"))
+    assert main(["--quiet", "eval", str(run), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"run stopped ({run}) is not finished: no summary.json" in err
+    assert "--run-name stopped" in err and "--allow-incomplete" in err and err.count("\n") == 1
+    assert main(["compare", str(two_runs[1]), str(run)]) == 2
+    assert "run stopped" in capsys.readouterr().err
+    assert not (run / "metrics.json").exists()
+
+    assert main(["--quiet", "eval", str(run), "--device", "cpu", "--allow-incomplete"]) == 0
+    assert "[incomplete]" in capsys.readouterr().out
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["incomplete"] is True and saved["kind"] == "run"
+    # evaluated already: compare still refuses it unless told, then marks its row
+    with pytest.raises(Exception, match="is not finished"):
+        compare([two_runs[1], run])
+    tables = compare([two_runs[1], run], allow_incomplete=True)
+    assert list(tables["zero_shot"].index) == ["pre-trained", "contrast", "refine [incomplete]"]
+    assert main(["compare", str(two_runs[1]), str(run), "--allow-incomplete"]) == 0
+    out = capsys.readouterr().out
+    assert "refine [incomplete]" in out and "[incomplete]: a run that has not finished" in out
+    finished = json.loads((two_runs[0] / "metrics.json").read_text()) if (two_runs[0] / "metrics.json").is_file() else None
+    assert finished is None or finished["incomplete"] is False
+
+
+def test_label_out_of_range_is_named_before_any_model_loads(capsys, tmp_path, small_real, monkeypatch):
+    from conftest_data import make_csv, make_image
+
+    from clip_refine_lab.data.manifest import ManifestError
+    from clip_refine_lab.evaluation.evaluate import evaluate_pretrained
+
+    for i in range(3):
+        make_image(tmp_path / "images" / f"c{i}.png", seed=i)
+    bad = make_csv(tmp_path, [{"image": "c0.png", "label": 0}, {"image": "c1.png", "label": 7},
+                              {"image": "c2.png", "label": 1}], name="bad-labels", kind="classification",
+                   classnames=["a", "b", "c"])
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"zero_shot: [{bad}]\n")
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the labels were checked")
+
+    monkeypatch.setattr("clip_refine_lab.evaluation.evaluate.load_model", no_loading)
+    with pytest.raises(ManifestError) as e:
+        evaluate_pretrained("micro-vit-32", str(small_real["start"]), suite=suite, output_dir=None, progress=False)
+    message = str(e.value)
+    assert str(bad) in message and "pairs.csv:3" in message and "label 7" in message and "0..2" in message
+    assert main(["--quiet", "eval", "--model", "micro-vit-32", "--pretrained", str(small_real["start"]),
+                 "--suite", str(suite), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "label 7, outside the valid range 0..2" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_eval_model_alone_on_the_paper_suite_with_its_layouts(capsys, tmp_path, small_real, monkeypatch):
+    """`eval --model ARCH --pretrained FILE --suite data_manifests/suites/paper.yaml` on every set of the
+    paper laid out as its archive unpacks (a few images each; every class prompt of the shipped manifests)."""
+    from pathlib import Path
+
+    from test_manifests import LAYOUTS
+
+    monkeypatch.delenv("CLIP_REFINE_LAB_DATA", raising=False)
+    data = tmp_path / "data"
+    for build in LAYOUTS:
+        build(data)
+    paper = Path(__file__).resolve().parents[1] / "data_manifests" / "suites" / "paper.yaml"
+    out = tmp_path / "out"
+    assert main(["--quiet", "eval", "--model", "micro-vit-32", "--pretrained", str(small_real["start"]),
+                 "--suite", str(paper), "--data-root", str(data), "--output-dir", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "pretrained-micro-vit-32-start" / "metrics.json").read_text())
+    twelve = ["fgvc_aircraft", "cub200", "caltech101", "cars", "dtd", "eurosat", "flowers", "food101", "imagenet1k",
+              "pets", "sun397", "ucf101"]
+    assert [d["name"] for d in saved["datasets"]["zero_shot"]] == twelve
+    assert set(saved["models"]["pre-trained"]["zero_shot"]) == set(twelve)
+    assert set(saved["models"]["pre-trained"]["retrieval"]) == {"mscoco_captions-val2017", "flickr30k-test"}
+    assert saved["data_root"] == str(data) and saved["suite"] == str(paper)
+    assert "average" in printed and "mscoco_captions-val2017" in printed

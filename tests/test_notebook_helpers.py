@@ -171,6 +171,35 @@ def test_run_selection(tmp_path):
     assert runs.select_runs(None, tmp_path / "empty", "default") == []  # only looks: never trains
 
 
+def test_data_sets_come_from_the_runs_metrics(tmp_path, monkeypatch):
+    """A run evaluated on real manifests: its data sets and data root are found from metrics.json alone
+    (no embedded world, no parameter), and a run without zero-shot sets says which parameter to set."""
+    import json
+
+    from conftest_data import make_karpathy
+
+    data = tmp_path / "data"
+    make_karpathy(data / "flickr30k", [("1.jpg", "test", ["a"]), ("2.jpg", "test", ["b"])],
+                  images_dir="flickr30k-images", json_name="dataset_flickr30k.json")
+    shipped = ROOT / "data_manifests" / "flickr30k_test.yaml"
+    run = fake_run(tmp_path, "real", "micro")
+    (run / "metrics.json").write_text(json.dumps({
+        "data_root": str(data), "models": {},
+        "datasets": {"zero_shot": [], "retrieval": [{"name": "flickr30k-test", "manifest": str(shipped)}],
+                     "geometry": [{"name": "flickr30k-test", "manifest": str(shipped)}]}}))
+    monkeypatch.delenv("CLIP_REFINE_LAB_DATA", raising=False)
+    monkeypatch.setattr("clip_refine_lab.evaluation.suites.default_suite",
+                        lambda *a: pytest.fail("looked at the embedded world"))
+    for m in (runs.dataset_for(run, None, "retrieval"), runs.dataset_for(run, "flickr30k-test", "zero_shot"),
+              runs.dataset_for(run, None, ("zero_shot", "geometry"))):
+        assert m.path == shipped and m.name == "flickr30k-test" and len(m.records()) == 2
+        assert str(m.root).startswith(str(data))
+    with pytest.raises(ValueError, match="has no zero_shot data set; pass one as the class_task parameter"):
+        runs.dataset_for(run, None, "zero_shot", parameter="class_task")
+    with pytest.raises(ValueError, match="has no zero-shot set to look at; pass a classification manifest"):
+        runs.gallery_manifests(run)
+
+
 # ------------------------------------------------------------------------------------ small pieces
 def test_pick_is_seeded_and_bounded():
     assert examples.pick(5, 10) == [0, 1, 2, 3, 4]
@@ -299,9 +328,10 @@ def test_examples_from_a_run(quick):
     out, run = quick
     base, refined = load_run_models(run)
     ret = runs.dataset_for(run, None, "retrieval")
-    assert ret.name == "synthetic-retrieval.yaml"
-    assert runs.dataset_for(run, None, "zero_shot").name == "shape.yaml"  # the suite's order
-    assert runs.dataset_for(run, "colour", "zero_shot").name == "colour.yaml"
+    assert ret.path.name == "synthetic-retrieval.yaml" and ret.kind == "captions"
+    assert runs.dataset_for(run, None, "zero_shot").path.name == "shape.yaml"  # the suite's order
+    assert runs.dataset_for(run, "colour", "zero_shot").path.name == "colour.yaml"
+    assert runs.dataset_for(run, None, ("linear_probe", "geometry")).name == "synthetic-retrieval"
     with pytest.raises(ValueError, match="nor a split of the embedded world.*as the dataset parameter"):
         runs.dataset_for(run, "imagenet", "zero_shot")
     with pytest.raises(FileNotFoundError, match="manifest not found"):
@@ -320,9 +350,11 @@ def test_examples_from_a_run(quick):
     assert html.count("<tr>") == 3 and "data:image/png;base64," in html
 
     manifests = runs.zero_shot_manifests(run)
-    assert [m.stem for m in manifests[:2]] == ["shape", "colour"]
+    assert [m.name for m in manifests[:2]] == ["shape", "colour"]
+    assert [m.name for m in runs.gallery_manifests(run)] == [m.name for m in manifests]
+    assert [m.name for m in runs.gallery_manifests(run, "size")] == ["size"]
     cases = examples.failure_cases(base, refined, manifests[:4], n=3, seed=0)
-    assert [c["task"] for c in cases["counts"]] == [m.stem for m in manifests[:4]]
+    assert [c["task"] for c in cases["counts"]] == [m.name for m in manifests[:4]]
     for kind in ("fixed", "broken"):
         assert len(cases[kind]) <= 3
         for c in cases[kind]:

@@ -4,20 +4,25 @@ Geometry is measured on each image paired with its *first* caption (N images, N 
 between the two centroids, alignment of matched pairs and uniformity of the pooled 2N features.
 
 ``evaluate_run`` writes ``metrics.json`` and a tidy ``metrics.csv`` (model, section, dataset,
-metric, value) into the run directory; :mod:`.compare` turns several runs into the paper's tables.
+metric, value) into the run directory; ``evaluate_pretrained`` does the same for a model alone (the
+paper's "Pre-trained" row) in a folder of its own; :mod:`.compare` turns several of them into the
+paper's tables. metrics.json also records the suite, the data root and each data set's manifest, so
+whatever reads a run later finds its data.
 Features go through the one feature cache (:mod:`clip_refine_lab.features`), so a model is
 encoded once per data set whichever section or call needs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig, preset_name
 from ..data.manifest import load_manifest
 from ..data.preflight import check_suite
 from ..distributed import resolve_device
@@ -26,13 +31,15 @@ from ..features import FeatureSet, dataset_features, weights_fingerprint
 from ..metrics import (DEFAULT_RETRIEVAL_TIES, alignment, class_embeddings, classification_metrics, gap_vector,
                        linear_probe, modality_gap, pooled_uniformity, retrieval_metrics, shift_along_gap,
                        zero_shot_logits)
+from ..models.checkpoints import CHECKPOINT_SUFFIXES
 from ..models.loading import EMBEDDED_TAG, LoadedModel, load_model, reload_spec
 from ..progress import progress_bar, stage
-from ..rundir import load_run_spec, run_config
+from ..rundir import load_run_spec, resolve_output_dir, run_config
 from ..utils import atomic_write, atomic_write_json
-from .suites import Suite, load_suite, resolve_manifest, suite_leakage
+from .suites import Suite, check_labels, load_suite, resolve_manifest, suite_leakage
 
 PRETRAINED_LABEL = "pre-trained"
+MODEL_FILE = "model.json"  # what a folder of a model evaluated alone holds instead of a run's config.yaml
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -131,6 +138,28 @@ def gap_shift_curve(loaded: LoadedModel, caption_manifest, class_manifest, lambd
 
 
 # -------------------------------------------------------------------------------------- runs
+class IncompleteRunError(ConfigError):
+    """A run directory without ``summary.json`` (crashed, stopped or still training) given to eval or compare."""
+
+
+def check_finished(run_dir: Path, allow_incomplete: bool = False) -> bool:
+    """Whether the run at ``run_dir`` is unfinished (no ``summary.json``): refused with one line naming
+    the run and what to do, unless ``allow_incomplete`` (then True, and its metrics are marked)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); give the folder that "
+                                "`clip-refine-lab refine` printed, or evaluate a model alone with "
+                                "`clip-refine-lab eval --model ARCH --pretrained TAG|FILE`")
+    if (run_dir / "summary.json").is_file():
+        return False
+    if not allow_incomplete:
+        raise IncompleteRunError(
+            f"run {run_dir.name} ({run_dir}) is not finished: no summary.json (it crashed, was stopped or is "
+            f"still training); finish it by running `clip-refine-lab refine --run-name {run_dir.name}` with its "
+            "options again (it resumes), or pass --allow-incomplete (allow_incomplete=True) to use it as it is, "
+            "marked incomplete")
+    return True
+
+
 def load_run_models(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
                     checkpoint: str = "best") -> tuple[LoadedModel, LoadedModel]:
     """(starting model, refined model) of a run; ``checkpoint`` is best (default) or final.
@@ -151,18 +180,46 @@ def load_run_models(run_dir: str | os.PathLike, device: str | torch.device = "cp
     return base, reload_spec(spec, weights, device=device)
 
 
+def suite_datasets(suite: Suite, data_root: str | None = None) -> dict[str, list[dict]]:
+    """Each section's data sets in the suite's order, ``{"name", "manifest"}`` (absolute manifest paths;
+    linear probe: ``{"name", "train", "test"}``): metrics.json records them, so the notebooks find a
+    run's data sets, real manifests included, with no other parameter."""
+    def name(path: Path) -> str:
+        return load_manifest(path, data_root=data_root).name
+
+    out: dict[str, list[dict]] = {
+        section: [{"name": name(p), "manifest": str(Path(p).resolve())} for p in getattr(suite, section)]
+        for section in ("zero_shot", "retrieval", "geometry")}
+    if suite.linear_probe:
+        out["linear_probe"] = [{"name": name(test), "train": str(Path(train).resolve()),
+                                "test": str(Path(test).resolve())} for train, test in suite.linear_probe]
+    return out
+
+
+def _suite(suite: Suite | str | os.PathLike | None, preset: str | None) -> tuple[Suite, str | None]:
+    """(the suite, its file as metrics.json records it: None for the embedded world's default suite)."""
+    if isinstance(suite, Suite):
+        return suite, None
+    return load_suite(suite, preset), (None if suite is None else str(Path(suite).resolve()))
+
+
 def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None = None, device: str = "auto",
                  progress: bool = True, data_root: str | None = None, checkpoint: str = "best",
-                 image_cache: bool | None = None) -> dict:
+                 image_cache: bool | None = None, allow_incomplete: bool = False) -> dict:
     """Evaluate a run's refined model and its starting model; write metrics.json and metrics.csv.
 
-    ``image_cache=None`` follows the run's own ``image_cache`` setting. Progress is one line and one
-    bar over both models' data sets."""
+    ``data_root=None`` takes the run's own ``data_root``; ``image_cache=None`` follows the run's
+    ``image_cache`` setting. A run without ``summary.json`` is refused (:class:`IncompleteRunError`)
+    unless ``allow_incomplete``, which evaluates its current weights and records ``incomplete: true``.
+    Progress is one line and one bar over both models' data sets."""
     run_dir = Path(run_dir)
+    incomplete = check_finished(run_dir, allow_incomplete)
     cfg = run_config(run_dir)
     dev = resolve_device(device)
-    the_suite = load_suite(suite, cfg.preset)
+    data_root = data_root or cfg.data_root
+    the_suite, suite_file = _suite(suite, cfg.preset)
     check_suite(the_suite, data_root)
+    check_labels(the_suite, data_root)
     base, refined = load_run_models(run_dir, dev, checkpoint)
     use_cache = cfg.image_cache if image_cache is None else image_cache
     n = len(the_suite.manifests())
@@ -171,10 +228,74 @@ def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None 
         models = {label: measure(model, the_suite, device=dev, data_root=data_root, image_cache=use_cache,
                                  done=lambda: bar.update(1))
                   for label, model in ((PRETRAINED_LABEL, base), (cfg.run_name, refined))}
-    result = {"run": str(run_dir), "method": cfg.method, "run_name": cfg.run_name, "checkpoint": checkpoint,
-              "models": models, "leakage": _leakage(cfg, the_suite, data_root)}
-    atomic_write_json(run_dir / "metrics.json", result)
-    atomic_write(run_dir / "metrics.csv", tidy(result).to_csv(index=False))
+    result = {"kind": "run", "run": str(run_dir), "method": cfg.method, "run_name": cfg.run_name,
+              "checkpoint": checkpoint, "incomplete": incomplete, "suite": suite_file, "data_root": data_root,
+              "datasets": suite_datasets(the_suite, data_root), "models": models,
+              "leakage": _leakage(cfg, the_suite, data_root)}
+    write_metrics(run_dir, result)
+    return result
+
+
+def write_metrics(folder: Path, result: dict) -> None:
+    """metrics.json and its tidy metrics.csv, each written atomically."""
+    atomic_write_json(folder / "metrics.json", result)
+    atomic_write(folder / "metrics.csv", tidy(result).to_csv(index=False))
+
+
+# ------------------------------------------------------------------------------- a model alone
+def pretrained_name(arch: str, pretrained: str | None) -> str:
+    """The folder name of a model evaluated alone: ``pretrained-<arch>-<tag or file stem>``, with every
+    character other than letters, digits, ``.``, ``_`` and ``-`` replaced by ``-`` (``hf-hub:org/x``)."""
+    weights = Path(pretrained).stem if pretrained and looks_like_checkpoint(pretrained) else pretrained
+    arch = Path(arch).stem if looks_like_checkpoint(arch) else arch
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(["pretrained", arch, *([weights] if weights else [])]))
+
+
+def looks_like_checkpoint(name: str) -> bool:
+    return Path(name).suffix in CHECKPOINT_SUFFIXES
+
+
+def evaluate_pretrained(model: str | LoadedModel, pretrained: str | None = None, *,
+                        suite: Suite | str | os.PathLike | None = None, output_dir: str | os.PathLike | None = "runs",
+                        name: str | None = None, preset: str | None = None, device: str = "auto",
+                        quick_gelu: bool | None = None, data_root: str | None = None, progress: bool = True,
+                        image_cache: bool = False) -> dict:
+    """Evaluate a model alone (the paper's "Pre-trained" row) on a suite; write its metrics.
+
+    ``model`` is an architecture with ``pretrained`` (a tag such as ``openai``, a checkpoint file, or
+    ``embedded`` for our tiny ones' cached base), one of our checkpoint files alone, or a loaded model
+    (then ``pretrained``, when given, only names it: ``embedded`` rather than the cached file).
+    The folder ``<output_dir>/<name>/`` (default name :func:`pretrained_name`) gets ``model.json`` (what
+    was loaded) and the run layout's ``metrics.json`` / ``metrics.csv``, with the model under
+    ``pre-trained``, so ``compare`` puts it beside runs; ``output_dir=None`` writes nothing."""
+    preset = preset_name(preset)
+    dev = resolve_device(device)
+    the_suite, suite_file = _suite(suite, preset)
+    check_suite(the_suite, data_root)
+    check_labels(the_suite, data_root)
+    if isinstance(model, LoadedModel):
+        loaded, requested = model, {"model": model.spec.arch, "pretrained": pretrained or model.spec.pretrained}
+    else:
+        if pretrained is None and not looks_like_checkpoint(model) and not model.startswith(("hf-hub:", "local-dir:")):
+            raise ConfigError(f"name the weights of '{model}' to evaluate (--pretrained): a tag such as openai, a "
+                              f"checkpoint file, or '{EMBEDDED_TAG}' for our tiny architectures")
+        requested = {"model": model, "pretrained": pretrained}
+        weights = resolve_pretrained(model, pretrained, preset) if pretrained else None
+        loaded = load_model(model, weights, device=dev, quick_gelu=quick_gelu)
+    folder_name = name or pretrained_name(requested["model"], requested["pretrained"])
+    if not folder_name.strip() or Path(folder_name).name != folder_name or folder_name in (".", ".."):
+        raise ConfigError(f"name must be a plain folder name (no path separators), got {folder_name!r}")
+    metrics = evaluate_model(loaded, the_suite, device=dev, progress=progress, data_root=data_root,
+                             image_cache=image_cache)
+    folder = resolve_output_dir(output_dir) / folder_name if output_dir is not None else None
+    result = {"kind": "pretrained", "run": str(folder) if folder else None, "run_name": folder_name, "method": None,
+              "checkpoint": None, "incomplete": False, "suite": suite_file, "data_root": data_root,
+              "datasets": suite_datasets(the_suite, data_root), "models": {PRETRAINED_LABEL: metrics},
+              "leakage": None}
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / MODEL_FILE, {**requested, "preset": preset, "spec": dataclasses.asdict(loaded.spec)})
+        write_metrics(folder, result)
     return result
 
 

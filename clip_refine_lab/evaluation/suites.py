@@ -80,6 +80,33 @@ def load_suite(path: str | os.PathLike | None, preset: str | None = None) -> Sui
     return suite
 
 
+def check_labels(suite: Suite, data_root: str | None = None) -> None:
+    """Every classification set of ``suite`` (zero-shot and linear probe) has its labels in 0..classes-1.
+
+    Checked before any model is loaded or image encoded: an out-of-range label would otherwise surface
+    as an IndexError in the middle of an evaluation. Raises ManifestError naming the manifest, the
+    record (file and line) and the valid range."""
+    from ..data.formats import is_streaming
+    from ..data.manifest import ManifestError, load_manifest
+
+    seen: set[Path] = set()
+    for path in [*suite.zero_shot, *(p for pair in suite.linear_probe for p in pair)]:
+        if path in seen:
+            continue
+        seen.add(path)
+        manifest = load_manifest(path, data_root=data_root)
+        if manifest.kind != "classification" or is_streaming(manifest):
+            continue
+        n = manifest.num_classes
+        for rec in manifest.records():
+            if not 0 <= rec.label < n:
+                where = f"record {rec.source} (id {rec.id})" if rec.source else f"record id {rec.id}"
+                raise ManifestError(
+                    f"{manifest.path}: {where} has label {rec.label}, outside the valid range 0..{n - 1} of its "
+                    f"{n} classnames; fix the record or the classnames (`clip-refine-lab data check {manifest.path}` "
+                    "lists every problem)")
+
+
 def suite_leakage(train, suite: Suite, data_root: str | None = None):
     """Image-id overlap between a training manifest and every evaluation set of ``suite`` (no hashing), or
     None for a streamed (WebDataset) training manifest: listing web-scale shards means reading all of them,

@@ -10,6 +10,13 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 
+def as_manifest(manifest, data_root: str | None = None):
+    """A Manifest from a path (loaded with ``data_root``) or a Manifest as it is."""
+    from ..data.manifest import Manifest, load_manifest
+
+    return manifest if isinstance(manifest, Manifest) else load_manifest(manifest, data_root=data_root)
+
+
 def pick(n_total: int, n: int, seed: int = 0) -> list[int]:
     """``n`` distinct indices of ``range(n_total)`` drawn with ``seed``, sorted (all when n >= n_total)."""
     import numpy as np
@@ -58,7 +65,7 @@ def flips(base_pred, refined_pred, labels) -> tuple[list[int], list[int]]:
 
 def failure_cases(base, refined, manifests: Iterable, *, n: int = 8, seed: int = 0, data_root: str | None = None,
                   progress: bool = False) -> dict:
-    """Zero-shot cases the refined model fixed and broke over classification ``manifests``.
+    """Zero-shot cases the refined model fixed and broke over classification ``manifests`` (paths or Manifests).
 
     Returns {"fixed": [...], "broken": [...], "counts": [per-task dict]}, each case a dict
     (task, image, true, base_pred, refined_pred); ``n`` cases of each kind, drawn with ``seed``
@@ -66,13 +73,12 @@ def failure_cases(base, refined, manifests: Iterable, *, n: int = 8, seed: int =
     """
     import numpy as np
 
-    from ..data.manifest import load_manifest
     from ..features import dataset_features
 
     cases: dict[str, list] = {"fixed": [], "broken": []}
     counts = []
     for mpath in manifests:
-        m = load_manifest(mpath, data_root=data_root)
+        m = as_manifest(mpath, data_root)
         if m.kind != "classification":
             raise ValueError(f"{m.path} is a {m.kind} manifest; the failure gallery needs classification sets")
         fb = dataset_features(base, m, data_root=data_root, progress=progress)
@@ -123,15 +129,16 @@ def image_to_text_topk(fs, queries: Sequence[int], k: int = 5):
 
 def retrieval_examples(models: dict, manifest, *, n_queries: int = 3, k: int = 5, seed: int = 0,
                        data_root: str | None = None, progress: bool = False) -> dict:
-    """Top-k retrieval results of a few random queries under each model ({label: LoadedModel}).
+    """Top-k retrieval results of a few random queries of a caption ``manifest`` (a path or a Manifest) under
+    each model ({label: LoadedModel}).
 
     Returns {"t2i": [...], "i2t": [...]}: each text query {"query", "target", "results": {label:
     [{"image", "hit"}]}}, each image query {"image", "results": {label: [{"caption", "hit"}]}}.
     """
-    from ..data.manifest import flatten_captions, load_manifest
+    from ..data.manifest import flatten_captions
     from ..features import dataset_features
 
-    m = load_manifest(manifest, data_root=data_root)
+    m = as_manifest(manifest, data_root)
     if m.kind != "captions":
         raise ValueError(f"{m.path} is a {m.kind} manifest; retrieval examples need captions")
     records = m.records()

@@ -92,46 +92,80 @@ def leakage_summary(runs: Sequence[Path]) -> str:
 
 
 # ----------------------------------------------------------------------------------- data sets
+def run_metrics(run_dir: Path) -> dict | None:
+    """A run's metrics.json, or None before it is evaluated."""
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_data_root(run_dir: Path) -> str | None:
+    """The data root a run was evaluated with (metrics.json), else the one it trained with."""
+    metrics = run_metrics(run_dir) or {}
+    return metrics["data_root"] if metrics.get("data_root") else run_config(run_dir).data_root
+
+
+def recorded_datasets(run_dir: Path, section: str) -> list[dict] | None:
+    """The data sets of a section as the run's evaluation recorded them ({"name", "manifest"}, in the suite's
+    order), or None when metrics.json does not record them (not evaluated yet)."""
+    datasets = (run_metrics(run_dir) or {}).get("datasets")
+    return None if datasets is None else list(datasets.get(section) or [])
+
+
 def section_names(run_dir: Path, section: str) -> list[str]:
-    """Data set names of a section (zero_shot, retrieval, geometry) of a run's metrics.json, else of the
+    """Data set names of a section (zero_shot, retrieval, geometry) of a run's evaluation, else of the
     preset's default suite."""
+    recorded = recorded_datasets(run_dir, section)
+    if recorded is not None:
+        return [d["name"] for d in recorded]
     from ..evaluation.suites import default_suite
 
     suite_names = [p.stem for p in getattr(default_suite(run_config(run_dir).preset), section)]
-    path = Path(run_dir) / "metrics.json"
-    if path.is_file():
-        models = json.loads(path.read_text())["models"]
-        names = list(next(iter(models.values())).get(section, {}))
+    metrics = run_metrics(run_dir)
+    if metrics:
+        names = list(next(iter(metrics["models"].values())).get(section, {}))
         if names:  # the embedded world's tasks in the suite's order (metrics.json sorts them), others after
             order = {n: i for i, n in enumerate(suite_names)}
             return sorted(names, key=lambda n: (order.get(n, len(order)), n))
     return suite_names
 
 
-def dataset_for(run_dir: Path, name: str | None, section: str) -> Path:
-    """The manifest a notebook looks at: ``name`` (a manifest path or a split/task of the embedded world)
-    or, when None, the first data set of ``section`` the run was evaluated on."""
+def dataset_for(run_dir: Path, name: str | None, section: str | Sequence[str], parameter: str = "dataset"):
+    """The data set a notebook looks at, as a Manifest loaded with the run's data root: ``name`` (a manifest
+    path, a data set of the run's evaluation, or a split/task of the embedded world) or, when None, the
+    first data set of ``section`` (or of the first of several sections that has one) the run was evaluated
+    on. Errors name the notebook ``parameter`` to set."""
+    from ..data.manifest import load_manifest
+
+    sections = (section,) if isinstance(section, str) else tuple(section)
+    if name is None:
+        name = next((names[0] for names in (section_names(run_dir, s) for s in sections) if names), None)
+        if name is None:
+            raise ValueError(f"the run {Path(run_dir).name} has no {' or '.join(sections)} data set; pass one as "
+                             f"the {parameter} parameter")
+    return load_manifest(_manifest_path(run_dir, str(name), parameter), data_root=run_data_root(run_dir))
+
+
+def _manifest_path(run_dir: Path, name: str, parameter: str) -> Path:
+    """A manifest file from a path, a data set name of the run's evaluation, or a split of the embedded world."""
     from ..evaluation.suites import resolve_manifest
 
-    preset = run_config(run_dir).preset
-    if name is None:
-        names = section_names(run_dir, section)
-        if not names:
-            raise ValueError(f"the run {Path(run_dir).name} has no {section} data set; pass one as the dataset parameter")
-        name = names[0]
-    if looks_like_file(str(name)):
+    if looks_like_file(name):
         path = resolve_path(name)
         if not path.is_file():
             raise FileNotFoundError(f"manifest not found: {name}")
         return path
+    for section in ("zero_shot", "retrieval", "geometry"):
+        for d in recorded_datasets(run_dir, section) or []:
+            if d["name"] == name:
+                return Path(d["manifest"])
     try:
-        return resolve_manifest(name, preset)
+        return resolve_manifest(name, run_config(run_dir).preset)
     except (KeyError, ConfigError) as e:
-        raise ValueError(f"{e}; pass a manifest file (a .yaml path) as the dataset parameter") from None
+        raise ValueError(f"{e}; pass a manifest file (a .yaml path) as the {parameter} parameter") from None
 
 
-def zero_shot_manifests(run_dir: Path) -> list[Path]:
-    """The classification manifests a run was evaluated on (world names resolved; others skipped, noted)."""
+def zero_shot_manifests(run_dir: Path) -> list:
+    """The classification manifests a run was evaluated on (names that cannot be found are skipped, noted)."""
     out = []
     for name in section_names(run_dir, "zero_shot"):
         try:
@@ -139,3 +173,17 @@ def zero_shot_manifests(run_dir: Path) -> list[Path]:
         except (ValueError, FileNotFoundError):
             print(f"skipping '{name}': not in the embedded world (pass its manifest as the dataset parameter)")
     return out
+
+
+def gallery_manifests(run_dir: Path, dataset: str | None = None) -> list:
+    """The classification sets of notebook 07: ``dataset``, else every zero-shot set of the run's evaluation
+    (one line says which)."""
+    if dataset is not None:
+        return [dataset_for(run_dir, dataset, "zero_shot")]
+    manifests = zero_shot_manifests(run_dir)
+    if not manifests:
+        raise ValueError(f"the run {Path(run_dir).name} has no zero-shot set to look at; pass a classification "
+                         "manifest as the dataset parameter")
+    print(f"Zero-shot sets of the run's evaluation: {', '.join(m.name for m in manifests)} "
+          "(the dataset parameter picks one)")
+    return manifests
