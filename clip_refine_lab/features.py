@@ -55,7 +55,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def manifest_fingerprint(manifest: Manifest) -> str:
-    parts = [str(manifest.path.resolve()), manifest.path.read_bytes().hex()]
+    """The manifest file, its image root and its records file (size, mtime). The root is in it because
+    one manifest names other images under another data root (``${CLIP_REFINE_LAB_DATA}/...``)."""
+    parts = [str(manifest.path.resolve()), manifest.path.read_bytes().hex(), str(Path(manifest.root).resolve())]
     rp = manifest.records_path
     if rp is not None and rp.is_file():
         st = rp.stat()

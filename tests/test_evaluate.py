@@ -45,6 +45,25 @@ def test_feature_cache_is_reused_and_invalidated_by_new_weights(micro_world, mic
     torch.testing.assert_close(changed.image, 2 * first.image, rtol=1e-4, atol=1e-5)
 
 
+def test_feature_cache_tells_data_roots_apart(tmp_path, monkeypatch):
+    """One manifest under ${CLIP_REFINE_LAB_DATA} names other images under each data root: two roots, two
+    cache entries (a folder-only manifest has no records file whose stat would differ)."""
+    from conftest_data import make_image, write_manifest_yaml
+
+    monkeypatch.delenv("CLIP_REFINE_LAB_DATA", raising=False)
+    man = write_manifest_yaml(tmp_path / "cls.yaml", name="cls", kind="classification", format="imagefolder",
+                              root="${CLIP_REFINE_LAB_DATA}/cls", classnames=["a", "b"])
+    for r, (root, n) in enumerate((("one", 2), ("two", 3))):
+        for k, c in enumerate("ab"):
+            for i in range(n):
+                make_image(tmp_path / root / "cls" / c / f"{i}.jpg", seed=100 * r + 10 * k + i)
+    torch.manual_seed(0)
+    loaded = load_model("micro-vit-32")
+    one = features.dataset_features(loaded, man, data_root=str(tmp_path / "one"), progress=False)
+    two = features.dataset_features(loaded, man, data_root=str(tmp_path / "two"), progress=False)
+    assert one.image.shape[0] == 4 and two.image.shape[0] == 6 and two.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
 def test_cached_features_equal_direct_encoding(micro_world, micro_base):
     loaded = load_model(str(micro_base))
     fs = features.dataset_features(loaded, micro_world.manifest("shape"), progress=False)
@@ -228,16 +247,26 @@ def test_eval_model_alone_writes_the_run_layout_and_sits_beside_runs(capsys, tmp
     assert "start-alone" in capsys.readouterr().out
 
 
-def test_eval_takes_a_run_or_a_model(capsys, tmp_path):
+def test_eval_takes_a_run_or_a_model(capsys, tmp_path, small_real):
+    (tmp_path / "runs" / "a-run").mkdir(parents=True)
+    (tmp_path / "runs" / "a-run" / "config.yaml").write_text("run_name: a-run\n")
+    (tmp_path / "a-file").write_text("")
+    alone = ["eval", "--model", "micro-vit-32", "--pretrained", str(small_real["start"]), "--output-dir"]
     cases = [(["eval"], "got neither"),
              (["eval", str(tmp_path), "--model", "micro-vit-32"], "not both"),
              (["eval", str(tmp_path), "--pretrained", "openai"], "--pretrained goes with --model"),
              (["eval", "--model", "ViT-B-32"], "name the weights of 'ViT-B-32'"),
-             (["eval", str(tmp_path / "nope")], "is not a run directory (no config.yaml)")]
+             (["eval", str(tmp_path / "nope")], "is not a run directory (no config.yaml)"),
+             (alone + [str(tmp_path / "runs"), "--name", "../up"], "must be a plain name"),
+             (alone + [str(tmp_path / "a-file")], "a-file is a file"),
+             (alone + [str(tmp_path / "runs"), "--name", "a-run"], "is a run directory; evaluate the model alone "
+                                                                   "under another --name")]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("clip-refine-lab: error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a-run"]
+    assert not (tmp_path / "runs" / "a-run" / "metrics.json").exists()
 
 
 def test_eval_and_compare_refuse_an_unfinished_run_unless_allowed(capsys, tmp_path, two_runs):

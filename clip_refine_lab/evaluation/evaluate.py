@@ -255,6 +255,33 @@ def looks_like_checkpoint(name: str) -> bool:
     return Path(name).suffix in CHECKPOINT_SUFFIXES
 
 
+def _requested(model: str | LoadedModel, pretrained: str | None) -> dict:
+    """The model as the user named it (model.json records it; the folder is named after it)."""
+    if isinstance(model, LoadedModel):
+        return {"model": model.spec.arch, "pretrained": pretrained or model.spec.pretrained}
+    if pretrained is None and not looks_like_checkpoint(model) and not model.startswith(("hf-hub:", "local-dir:")):
+        raise ConfigError(f"name the weights of '{model}' to evaluate (--pretrained): a tag such as openai, a "
+                          f"checkpoint file, or '{EMBEDDED_TAG}' for our tiny architectures")
+    return {"model": model, "pretrained": pretrained}
+
+
+def _alone_folder(output_dir: str | os.PathLike | None, name: str) -> Path | None:
+    """``<output_dir>/<name>``, checked before any work: a plain folder name, not a file, not a run directory."""
+    if not name.strip() or Path(name).name != name or name in (".", ".."):
+        raise ConfigError(f"the folder name of a model evaluated alone must be a plain name (no path separators), "
+                          f"got {name!r}")
+    if output_dir is None:
+        return None
+    folder = resolve_output_dir(output_dir) / name
+    for p in (folder.parent, folder):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{p} is a file; the output folder of a model evaluated alone must be a folder "
+                              "(--output-dir, --name)")
+    if (folder / "config.yaml").is_file():
+        raise ConfigError(f"{folder} is a run directory; evaluate the model alone under another --name")
+    return folder
+
+
 def evaluate_pretrained(model: str | LoadedModel, pretrained: str | None = None, *,
                         suite: Suite | str | os.PathLike | None = None, output_dir: str | os.PathLike | None = "runs",
                         name: str | None = None, preset: str | None = None, device: str = "auto",
@@ -270,24 +297,19 @@ def evaluate_pretrained(model: str | LoadedModel, pretrained: str | None = None,
     ``pre-trained``, so ``compare`` puts it beside runs; ``output_dir=None`` writes nothing."""
     preset = preset_name(preset)
     dev = resolve_device(device)
+    requested = _requested(model, pretrained)
+    folder_name = name or pretrained_name(requested["model"], requested["pretrained"])
+    folder = _alone_folder(output_dir, folder_name)
     the_suite, suite_file = _suite(suite, preset)
     check_suite(the_suite, data_root)
     check_labels(the_suite, data_root)
     if isinstance(model, LoadedModel):
-        loaded, requested = model, {"model": model.spec.arch, "pretrained": pretrained or model.spec.pretrained}
+        loaded = model
     else:
-        if pretrained is None and not looks_like_checkpoint(model) and not model.startswith(("hf-hub:", "local-dir:")):
-            raise ConfigError(f"name the weights of '{model}' to evaluate (--pretrained): a tag such as openai, a "
-                              f"checkpoint file, or '{EMBEDDED_TAG}' for our tiny architectures")
-        requested = {"model": model, "pretrained": pretrained}
         weights = resolve_pretrained(model, pretrained, preset) if pretrained else None
         loaded = load_model(model, weights, device=dev, quick_gelu=quick_gelu)
-    folder_name = name or pretrained_name(requested["model"], requested["pretrained"])
-    if not folder_name.strip() or Path(folder_name).name != folder_name or folder_name in (".", ".."):
-        raise ConfigError(f"name must be a plain folder name (no path separators), got {folder_name!r}")
     metrics = evaluate_model(loaded, the_suite, device=dev, progress=progress, data_root=data_root,
                              image_cache=image_cache)
-    folder = resolve_output_dir(output_dir) / folder_name if output_dir is not None else None
     result = {"kind": "pretrained", "run": str(folder) if folder else None, "run_name": folder_name, "method": None,
               "checkpoint": None, "incomplete": False, "suite": suite_file, "data_root": data_root,
               "datasets": suite_datasets(the_suite, data_root), "models": {PRETRAINED_LABEL: metrics},
