@@ -19,7 +19,7 @@ from ..utils import atomic_path
 
 # Fields that may differ between a run and its resumption (where and how fast, not what is computed).
 RESUMABLE_FIELDS = ("output_dir", "run_name", "device", "num_workers", "log_every", "max_steps",
-                    "attention", "compile", "channels_last", "leakage_suite")
+                    "attention", "compile", "channels_last", "grad_checkpointing", "leakage_suite")
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 
