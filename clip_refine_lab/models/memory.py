@@ -287,7 +287,7 @@ def device_memory(device: torch.device) -> tuple[int, int] | None:
 
 
 def advice(cfg: RunConfig, free: int, *, world_size: int = 1) -> list[str]:
-    """Changes of the run that lower its estimate, each with the estimate it gives, the cheapest first."""
+    """Changes of the run that lower its estimate, each with the estimate it gives, and one combination that fits."""
     options: list[tuple[str, RunConfig]] = []
     if cfg.precision == "fp32" and cfg.device != "cpu":  # 16-bit activations: about half
         options.append(("--precision bf16", replace(cfg, precision="bf16")))
