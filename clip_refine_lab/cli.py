@@ -79,6 +79,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_refine(args) -> int:
+    if args.dry_run:
+        return dry_run(config_from_args(args))
     from .distributed import init_distributed_from_env
     from .training.loop import refine
 
@@ -86,6 +88,18 @@ def cmd_refine(args) -> int:
     cfg = config_from_args(args)
     run_dir = refine(cfg, progress=not args.quiet, resume=args.resume, restart=args.restart)
     print(run_dir)
+    return 0
+
+
+def dry_run(cfg: RunConfig) -> int:
+    """``refine --dry-run``: the run's memory estimate against the device's memory; nothing is loaded or written."""
+    import os
+
+    from .distributed import resolve_device
+    from .models.memory import dry_run_report
+
+    cfg = cfg.resolved()
+    print(dry_run_report(cfg, resolve_device(cfg.device), world_size=int(os.environ.get("WORLD_SIZE", "1"))))
     return 0
 
 
@@ -184,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true",
                    help="start the run over: remove what an earlier run wrote into its directory (checkpoints, "
                         "log, weights, config.yaml), whatever its configuration")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the run's memory estimate and the device's memory, then exit without training")
     add_run_options(p)
     p.set_defaults(func=cmd_refine)
 

@@ -41,6 +41,8 @@ SCRIPTS = {  # script -> its smallest settings (each also gets --json)
                             "micro-vit-32:1:64:2e-3:logit_scale_init=50:relation_hard_negatives=true"],
     "base_diagnostics.py": ["--world", "micro", "--threads", "1", "--supervised-steps", "3"],
     "bench_pretrain.py": ["--quick", "--threads", "1", "--batch-size", "16"],
+    "bench_memory.py": ["--quick", "--threads", "1"],
+    "bench_trimmed_text.py": ["--quick", "--threads", "1"],
 }
 
 
@@ -159,3 +161,21 @@ def test_bench_pretrain_compares_the_step_forms(runs):
     assert [r["form"] for r in rows] == ["v2", "sdpa", "v3", "v4", "v5"]
     assert all(r["step_ms"] > 0 and r["speedup"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
     assert "text columns used" in stdout
+
+
+def test_bench_memory_measures_the_step_with_and_without_checkpointing(runs):
+    stdout, result = _result(runs, "bench_memory.py")
+    assert [r["checkpointing"] for r in result["rows"]] == [False, True]
+    for row in result["rows"]:
+        assert row["model"] == "micro-vit-32" and row["measured_gib"] > 0 and row["estimate_gib"] > 0
+        assert row["ratio"] == pytest.approx(row["estimate_gib"] / row["measured_gib"])
+    assert "estimate / measured" in stdout
+
+
+def test_bench_trimmed_text_times_the_full_and_the_trimmed_step(runs):
+    stdout, result = _result(runs, "bench_trimmed_text.py")
+    full, trimmed = result["rows"]
+    assert (full["form"], trimmed["form"]) == ("full", "trimmed")
+    assert trimmed["text_columns"] < full["text_columns"] == 32
+    assert all(r["step_ms"] > 0 and r["text_ms"] > 0 for r in result["rows"]) and full["step_speedup"] == 1.0
+    assert "longest" in stdout

@@ -49,7 +49,9 @@ from ..methods import Method, get_method, loss_terms
 from ..models.checkpoints import save_checkpoint
 from ..models.families import logit_bias
 from ..models.loading import EMBEDDED_TAG, LoadedModel, load_model
-from ..models.speed import compile_towers, train_with_frozen_batch_norm, use_channels_last, use_sdpa_attention
+from ..models.memory import check_memory_fits
+from ..models.speed import (compile_towers, encode_text_trimmed, train_with_frozen_batch_norm, use_channels_last,
+                            use_sdpa_attention)
 from ..optim import build_adamw, clamp_logit_scale, lr_at, set_lr
 from ..priors import build_prior
 from ..progress import progress_bar, stage
@@ -110,6 +112,7 @@ class Refiner:
         self.device = resolve_device(cfg.device)
         self.method: Method = get_method(cfg.method)
         self.run_dir = cfg.run_dir
+        check_memory_fits(cfg, self.device, world_size=self.world_size)  # before any weights are loaded
 
         seed_everything(cfg.seed)
         pretrained = resolve_pretrained(cfg.model, cfg.pretrained, cfg.preset)  # type: ignore[arg-type]
@@ -121,9 +124,12 @@ class Refiner:
         want_nhwc = self.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
         self.channels_last = bool(want_nhwc) and use_channels_last(self.model)
         self.teacher = None
-        if self.method.needs_teacher:
-            # The teacher is an exact, frozen copy of the starting model (released code: deepcopy + no_grad).
+        if self.method.needs_teacher and not cfg.teacher_cache:
+            # The teacher is an exact, frozen copy of the starting model (released code: deepcopy + no_grad);
+            # with the teacher cache its features are read instead, and no copy takes memory.
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if cfg.grad_checkpointing:  # the student only: the teacher runs without grad and keeps nothing
+            self.model.set_grad_checkpointing(True)
         if cfg.compile:
             for m in (self.model, self.teacher):
                 if m is not None:
@@ -137,7 +143,7 @@ class Refiner:
         self.steps_per_epoch, self.total_steps = self.source.steps_per_epoch, self.source.total_steps
         self.has_val = self.source.num_val_pairs > 0
         self.teacher_features = None
-        if cfg.teacher_cache and self.teacher is not None:
+        if cfg.teacher_cache and self.method.needs_teacher:
             self.teacher_features = TeacherFeatures(self.base, self.source, device=self.device, progress=progress)
         self.val_every = cfg.val_every or max(1, self.steps_per_epoch // 4)
         self.checkpoint_every = cfg.checkpoint_every or self.val_every
@@ -193,10 +199,11 @@ class Refiner:
         gen = step_generator(cfg.seed if train else cfg.seed + 7919, step)
         n_global = images.shape[0] * self.world_size
         extras: dict = {}
-        if self.teacher is not None:
+        if method.needs_teacher:
             if teacher is None:
                 with torch.no_grad(), self.autocast():
-                    teacher = self.teacher.encode_image(images).float(), self.teacher.encode_text(tokens).float()
+                    teacher = (self.teacher.encode_image(images).float(),  # type: ignore[union-attr]
+                               encode_text_trimmed(self.teacher, tokens).float())
             ti, tt = gather_features(*teacher)
             extras.update(teacher_image=ti, teacher_text=tt)
         if method.needs_prior:
@@ -211,7 +218,7 @@ class Refiner:
         if not train:
             scale = model.logit_scale.exp()
             with torch.no_grad(), self.autocast():
-                fi, ft = gather_features(model.encode_image(images).float(), model.encode_text(tokens).float())
+                fi, ft = gather_features(model.encode_image(images).float(), encode_text_trimmed(model, tokens).float())
                 return {k: v.detach() for k, v in loss_terms(method, cfg, fi, ft, logit_scale=scale, logit_bias=bias,
                                                              **extras).items()} | {"_features": (fi, ft)}
         micro = images.shape[0] // cfg.accum_steps
@@ -219,11 +226,12 @@ class Refiner:
         if cfg.accum_steps > 1:
             with torch.no_grad(), self.autocast():
                 cached_i = [model.encode_image(images[c]).float() for c in chunks]
-                cached_t = [model.encode_text(tokens[c]).float() for c in chunks]
+                cached_t = [encode_text_trimmed(model, tokens[c]).float() for c in chunks]
         terms: dict = {}
         for j, c in enumerate(chunks):
             with self.autocast():
-                fi_j, ft_j = model.encode_image(images[c]).float(), model.encode_text(tokens[c]).float()
+                # captions up to the micro-batch's longest: exact under the causal mask (models/speed.py)
+                fi_j, ft_j = model.encode_image(images[c]).float(), encode_text_trimmed(model, tokens[c]).float()
             if cfg.accum_steps > 1:
                 fi_local = torch.cat(cached_i[:j] + [fi_j] + cached_i[j + 1:])
                 ft_local = torch.cat(cached_t[:j] + [ft_j] + cached_t[j + 1:])

@@ -27,7 +27,7 @@ from ..utils import atomic_path
 # Fields that may differ between a run and its resumption: where and how fast, not what is computed; and
 # on_bad_sample, so that a run stopped by a bad record can go on with such records left out.
 RESUMABLE_FIELDS = ("output_dir", "run_name", "device", "num_workers", "log_every", "max_steps",
-                    "attention", "compile", "channels_last", "leakage_suite", "on_bad_sample")
+                    "attention", "compile", "channels_last", "grad_checkpointing", "leakage_suite", "on_bad_sample")
 
 LAST_CHECKPOINT = Path(CHECKPOINT_DIR) / "last.pt"
 RESTART_HINT = "--restart (Python: refine(..., restart=True))"
