@@ -39,8 +39,10 @@ class ModelSpec:
         return self.arch
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, spec: ModelSpec, **extra: str) -> Path:
-    """Write ``model``'s state dict as safetensors, atomically, with the spec in the header.
+def save_checkpoint(model: torch.nn.Module | dict[str, torch.Tensor], path: str | os.PathLike, spec: ModelSpec,
+                    **extra: str) -> Path:
+    """Write ``model``'s state dict (or ``model`` itself, a state dict) as safetensors, atomically, with
+    the spec in the header.
 
     The file loads in plain ``open_clip.create_model_and_transforms(spec.open_clip_name, pretrained=path)``.
     """
@@ -48,7 +50,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, spec: Model
 
     import open_clip
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {
         "format": "clip-refine-lab/1",
         "arch": spec.arch,

@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, RunConfig
+from ..distributed import (is_main_process, load_model_state_dict, load_optimizer_state_dict, model_state_dict,
+                           optimizer_state_dict)
 from ..utils import atomic_path
 
 # Fields that may differ between a run and its resumption (where and how fast, not what is computed).
 RESUMABLE_FIELDS = ("output_dir", "run_name", "device", "num_workers", "log_every", "max_steps",
-                    "attention", "compile", "channels_last", "leakage_suite")
+                    "attention", "compile", "channels_last", "leakage_suite", "fsdp")
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 
@@ -56,8 +58,13 @@ def run_is_complete(cfg: RunConfig, *, resume: bool) -> bool:
 
 def save_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, step: int,
                best_val: float | None) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+    """Write ``checkpoints/last.pt`` from rank 0. Called on every rank: a sharded model's full state
+    dicts are gathered by all of them (:mod:`clip_refine_lab.distributed`); the file is the same
+    ordinary state dicts either way."""
+    state = {"model": model_state_dict(model), "optimizer": optimizer_state_dict(model, optimizer), "step": step,
              "best_val": best_val if best_val is not None else float("nan")}
+    if not is_main_process():
+        return
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     with atomic_path(run_dir / LAST_CHECKPOINT) as tmp:
@@ -72,8 +79,8 @@ def load_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     if not path.is_file():
         return 0, None
     state = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    load_model_state_dict(model, state["model"])
+    load_optimizer_state_dict(model, optimizer, state["optimizer"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     best = float(state["best_val"])
