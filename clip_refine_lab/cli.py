@@ -96,7 +96,7 @@ def cmd_eval(args) -> int:
     from .evaluation.evaluate import evaluate_run
 
     result = evaluate_run(args.run_dir, suite=args.suite, device=args.device, progress=not args.quiet,
-                          data_root=args.data_root)
+                          data_root=args.data_root, num_workers=args.num_workers, batch_size=args.batch_size)
     print(format_tables(result))
     return 0
 
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default=None, help="task suite YAML (default: the embedded world's tasks)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images (default: 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="images encoded per batch (default: 256)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="paper-layout tables of several evaluated runs")

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data.manifest import load_manifest
 from ..distributed import resolve_device
 from ..embedded.base import resolve_pretrained
@@ -63,13 +63,15 @@ def geometry_scores(fs: FeatureSet) -> dict[str, float]:
 
 
 def measure(loaded: LoadedModel, suite: Suite, *, device: str | torch.device = "cpu", data_root: str | None = None,
-            image_cache: bool = False, done: Callable[[], object] = lambda: None) -> dict:
-    """All metrics of one model on a suite; ``done()`` is called after each data set's features."""
+            image_cache: bool = False, done: Callable[[], object] = lambda: None, num_workers: int = 0,
+            batch_size: int = 256) -> dict:
+    """All metrics of one model on a suite; ``done()`` is called after each data set's features.
+    ``num_workers`` DataLoader processes decode the images, ``batch_size`` images are encoded at once."""
     fp = weights_fingerprint(loaded.model)
 
     def feats(manifest):
         fs = dataset_features(loaded, manifest, device=device, data_root=data_root, progress=False,
-                              weights_fp=fp, image_cache=image_cache)
+                              weights_fp=fp, image_cache=image_cache, num_workers=num_workers, batch_size=batch_size)
         done()
         return fs
 
@@ -95,14 +97,15 @@ def measure(loaded: LoadedModel, suite: Suite, *, device: str | torch.device = "
 
 
 def evaluate_model(loaded: LoadedModel, suite: Suite, *, device: str | torch.device = "cpu", progress: bool = True,
-                   data_root: str | None = None, image_cache: bool = False) -> dict:
+                   data_root: str | None = None, image_cache: bool = False, num_workers: int = 0,
+                   batch_size: int = 256) -> dict:
     """All metrics of one model on a suite (features through the cache; images through the decoded-image
     cache with ``image_cache``): one line, then one bar over the suite's data sets."""
     n = len(suite.manifests())
     stage(f"Evaluating {loaded.spec.arch} on {n} data sets", enabled=progress)
     with progress_bar(total=n, desc="evaluate", enabled=progress, unit="set") as bar:
         return measure(loaded, suite, device=device, data_root=data_root, image_cache=image_cache,
-                       done=lambda: bar.update(1))
+                       done=lambda: bar.update(1), num_workers=num_workers, batch_size=batch_size)
 
 
 def gap_shift_curve(loaded: LoadedModel, caption_manifest, class_manifest, lambdas: Sequence[float], *,
@@ -149,11 +152,17 @@ def load_run_models(run_dir: str | os.PathLike, device: str | torch.device = "cp
 
 def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None = None, device: str = "auto",
                  progress: bool = True, data_root: str | None = None, checkpoint: str = "best",
-                 image_cache: bool | None = None) -> dict:
+                 image_cache: bool | None = None, num_workers: int = 0, batch_size: int = 256) -> dict:
     """Evaluate a run's refined model and its starting model; write metrics.json and metrics.csv.
 
     ``image_cache=None`` follows the run's own ``image_cache`` setting. Progress is one line and one
-    bar over both models' data sets."""
+    bar over both models' data sets. The starting model's features come from the feature cache when
+    another run of the same starting model was evaluated on the suite before (its key is the weights).
+    ``num_workers`` DataLoader processes decode images; results are the same for any number."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"eval: num_workers must be an integer >= 0, got {num_workers!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"eval: batch_size must be an integer >= 1, got {batch_size!r}")
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     dev = resolve_device(device)
@@ -164,7 +173,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None 
     stage(f"Evaluating run {cfg.run_name} and its starting model on {n} data sets", enabled=progress)
     with progress_bar(total=2 * n, desc=f"evaluate {cfg.run_name}", enabled=progress, unit="set") as bar:
         models = {label: measure(model, the_suite, device=dev, data_root=data_root, image_cache=use_cache,
-                                 done=lambda: bar.update(1))
+                                 done=lambda: bar.update(1), num_workers=num_workers, batch_size=batch_size)
                   for label, model in ((PRETRAINED_LABEL, base), (cfg.run_name, refined))}
     result = {"run": str(run_dir), "method": cfg.method, "run_name": cfg.run_name, "checkpoint": checkpoint,
               "models": models, "leakage": _leakage(cfg, the_suite, data_root)}
