@@ -135,7 +135,7 @@ def cmd_eval(args) -> int:
     if args.run_dir is None:
         result = evaluate_pretrained(args.model, args.pretrained, suite=args.suite, output_dir=args.output_dir or "runs",
                                      name=args.name, preset=args.preset, device=args.device, data_root=args.data_root,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, num_workers=args.num_workers, batch_size=args.batch_size)
         print(format_tables(result))
         print(f"metrics written to {result['run']}")
         return 0
@@ -144,7 +144,8 @@ def cmd_eval(args) -> int:
             raise ConfigError(f"eval --{flag.replace('_', '-')} goes with --model (a model alone); a run "
                               "directory brings its own model, preset and folder")
     result = evaluate_run(args.run_dir, suite=args.suite, device=args.device, progress=not args.quiet,
-                          data_root=args.data_root, allow_incomplete=args.allow_incomplete)
+                          data_root=args.data_root, allow_incomplete=args.allow_incomplete,
+                          num_workers=args.num_workers, batch_size=args.batch_size)
     print(format_tables(result))
     return 0
 
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="data root of the suite's manifests (a run: default its own)")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="evaluate a run that has not finished (no summary.json) as it is; its metrics are marked")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images (default: 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="images encoded per batch (default: 256)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="paper-layout tables of several evaluated runs and models")

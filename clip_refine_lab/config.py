@@ -163,6 +163,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the towers (GPU, long runs)
     channels_last: bool | None = None  # NHWC for convolutional image towers; None = on GPU only
     grad_checkpointing: bool = False  # recompute each transformer block's activations in backward (less memory)
+    fsdp: bool = False  # shard student and teacher across torchrun processes (FSDP2 fully_shard)
     seed: int = 0
     device: str = "auto"
     # validation and checkpoints
@@ -248,6 +249,14 @@ class RunConfig:
         number("max_steps", 1, integer=True, optional=True)
         one_of("precision", PRECISIONS)
         one_of("attention", ATTENTIONS)
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"fsdp must be true or false, got {self.fsdp!r}")
+        if self.fsdp and self.precision == "fp16":
+            raise ConfigError("fsdp runs in fp32 or bf16 (fp16 loss scaling of sharded gradients is not supported); "
+                              "use precision bf16")
+        if self.fsdp and self.compile:
+            raise ConfigError("fsdp and compile cannot be combined (compiling towers around sharded blocks is not "
+                              "supported); turn one of them off")
         number("seed", 0, integer=True)
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps"))):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}")
@@ -387,6 +396,9 @@ FIELD_HELP: dict[str, str] = {
     "grad_checkpointing": "recompute each transformer block's activations during backward instead of keeping them "
                           "(open_clip's set_grad_checkpointing on both towers of the student): far less activation "
                           "memory for about a third more compute; same gradients",
+    "fsdp": "shard the student's weights, gradients and AdamW states (and the frozen teacher) across the torchrun "
+            "processes with PyTorch FSDP2, each transformer block then the rest; needs >= 2 processes; same results "
+            "as data-parallel, checkpoints stay ordinary full state dicts",
     "seed": "random seed: data order, caption choice, prior samples; CPU runs repeat exactly",
     "device": "auto, cpu, cuda or cuda:N",
     "val_fraction": "fraction of pairs held out for validation / best-checkpoint selection (released code: 0.01)",

@@ -14,6 +14,17 @@ features w.r.t. the parameters). The single-process gradient of the global batch
 Hence: multiply a loss computed on gathered features by ``world_size`` before ``backward()`` (and
 log the unscaled value). Per-sample losses computed on local features only (RaFA on the local z)
 need no scaling; they are already means whose DDP average is the global mean.
+
+Sharding (``--fsdp``). PyTorch FSDP2 (``fully_shard``) shards every transformer block of both towers,
+then the rest of the model, across the processes (:func:`shard_model`). Each rank still encodes its
+own slice of the batch and gathers features as above; the gradient reduction is FSDP's
+reduce-scatter, which averages like DDP's all-reduce, so the same x ``world_size`` rule gives each
+rank its shard of the single-process gradient. FSDP cannot shard 0-dim parameters (the logit scale,
+SigLIP's logit bias): they stay ordinary replicated tensors, and the trainer all-reduces their
+gradients itself (:func:`replicated_parameters`), exactly as without sharding. Checkpoints of a
+sharded model are ordinary full state dicts (:func:`model_state_dict`, :func:`optimizer_state_dict`:
+the layout ``state_dict()`` of the unsharded model and optimiser has), and load back into a sharded
+or an unsharded model alike.
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ import torch.distributed as dist
 
 from .config import ConfigError
 
-__all__ = ["resolve_device", "init_distributed_from_env", "world_info", "is_main_process", "gather_features"]
+__all__ = ["resolve_device", "init_distributed_from_env", "world_info", "is_main_process", "gather_features",
+           "shard_model", "is_sharded", "replicated_parameters", "model_state_dict", "load_model_state_dict",
+           "optimizer_state_dict", "load_optimizer_state_dict"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,3 +103,135 @@ def gather_features(
         gathered[rank] = local
         gathered_all.append(torch.cat(gathered, dim=0))
     return tuple(gathered_all)
+
+
+# ------------------------------------------------------------------------------------- sharding
+# Names of the module lists that hold a tower's residual blocks: open_clip's transformers
+# (``resblocks``), timm's ViTs (``blocks``), Hugging Face encoders (``layer``/``layers``).
+BLOCK_LISTS = ("resblocks", "blocks", "layer", "layers")
+# Model methods that run the towers: FSDP gathers the root's parameters around them as around forward.
+FORWARD_METHODS = ("encode_image", "encode_text")
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The residual blocks of every tower, each one FSDP unit (the outermost block lists only)."""
+    blocks: list[torch.nn.Module] = []
+    lists: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in lists):
+            continue
+        if name.rsplit(".", 1)[-1] in BLOCK_LISTS and isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+            blocks.extend(module)
+            lists.append(name)
+    return blocks
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Shard ``model`` in place across the default process group with FSDP2 and return it.
+
+    Each transformer block is one unit (its weights are gathered just before it runs and freed
+    after), then the root takes the rest (embeddings, layer norms, projections). ``encode_image``
+    and ``encode_text`` are registered as forward methods, so calling them gathers the root's
+    parameters as ``forward`` would. 0-dim parameters stay replicated (FSDP refuses to shard them).
+    Every rank must then run the same forwards: FSDP gathers weights collectively.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    # the root too frees its gathered weights after each call: the state between calls is always sharded
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=scalars or None)
+    for method in FORWARD_METHODS:
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    return model
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has parameters sharded by :func:`shard_model`."""
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+def replicated_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable parameters whose gradients are not reduced by FSDP: all of them in an unsharded
+    model, the 0-dim ones (logit scale, logit bias) in a sharded one."""
+    return [p for p in model.parameters() if p.requires_grad and not _is_dtensor(p)]
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()``; for a sharded model the full state dict, gathered on every rank (a
+    collective: call it on all of them) and held on rank 0's CPU (the other ranks get ``{}``)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+
+
+def load_model_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (as :func:`model_state_dict` writes it) into ``model``, sharded or not;
+    every rank passes the whole dict and keeps its own shard."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_full_options())
+
+
+def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter of ``optimizer``, in the order ``optimizer.state_dict()`` numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()``; for a sharded model the full one, gathered like
+    :func:`model_state_dict` (rank 0 holds it) and laid out as an unsharded optimiser's: states and
+    parameter groups keyed by each parameter's position, not its name."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    if not full:
+        return {}
+    position = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    return {"state": {position[name]: s for name, s in full["state"].items()},
+            "param_groups": [{**g, "params": [position[name] for name in g["params"]]} for g in full["param_groups"]]}
+
+
+def load_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an ordinary optimiser state dict (as :func:`optimizer_state_dict` writes it) into
+    ``optimizer``; for a sharded model every rank passes the whole dict and keeps its shards."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = _parameter_names(model, optimizer)
+    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    # A parameter that never had a gradient (the logit scale of a loss that does not use it) has no
+    # state in the file, which the loader must accept; the placeholder state the loader makes for it
+    # is dropped, so that AdamW starts it afresh as the unsharded optimiser would.
+    set_optimizer_state_dict(model, optimizer, by_name, options=_full_options(strict=False))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        if i not in state["state"]:
+            optimizer.state.pop(p, None)

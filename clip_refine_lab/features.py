@@ -7,7 +7,11 @@ Cache key = (fingerprint of the weights, fingerprint of the data set's manifest 
 preprocessing config). A cache entry lives at
 ``<cache dir>/features/<weights fp>/<data fp>.safetensors`` and is written atomically; changing
 the weights (e.g. another checkpoint), the records file or the preprocessing gives a new key, so a
-stale entry is never read.
+stale entry is never read. The key holds nothing about the run that asks: every run of a suite that
+starts from the same model finds that model's features already there, and encodes only its own.
+
+Images are decoded in DataLoader worker processes (``num_workers``), in order: the features, and the
+decoded-image cache, are the same with any number of workers.
 """
 
 from __future__ import annotations
@@ -81,9 +85,10 @@ def _counting(bar, total: int, *, progress: bool, desc: str, unit: str):
 @torch.no_grad()
 def encode_images(model: torch.nn.Module, dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
                   num_workers: int = 0, progress: bool = True, desc: str = "images", bar=None) -> torch.Tensor:
-    """Raw image features of a map-style dataset yielding (image tensor, index); ``bar``: a progress bar
-    to advance by each batch instead of one of its own."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    """Raw image features of a map-style dataset yielding (image tensor, index), its items loaded by
+    ``num_workers`` processes (in order); ``bar``: a progress bar to advance by each batch instead of
+    one of its own."""
+    loader = _loader(dataset, batch_size, num_workers)
     out = []
     model.eval()
     with _counting(bar, len(dataset), progress=progress, desc=f"encode {desc}", unit="img") as counter:
@@ -109,12 +114,15 @@ def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], *, bat
 
 def dataset_features(loaded: LoadedModel, manifest: str | os.PathLike | Manifest, *, device: str | torch.device = "cpu",
                      batch_size: int = 256, data_root: str | None = None, cache: bool = True,
-                     progress: bool = True, weights_fp: str | None = None, image_cache: bool = False) -> FeatureSet:
+                     progress: bool = True, weights_fp: str | None = None, image_cache: bool = False,
+                     num_workers: int = 0) -> FeatureSet:
     """Features of every image and caption (or class prompt) of a manifest, through the cache.
 
     ``image_cache``: read images from the decoded-image cache (:class:`DecodedImages`, built on first
     use) instead of decoding and resizing every file again: the same tensors, so the same features;
-    a sweep evaluates dozens of models on the same sets, and decoding dominated small models' encoding."""
+    a sweep evaluates dozens of models on the same sets, and decoding dominated small models' encoding.
+    ``num_workers``: DataLoader processes that decode the images (and build the image cache); the
+    features are identical for any number."""
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest, data_root=data_root)
     if not cache:
@@ -125,8 +133,8 @@ def dataset_features(loaded: LoadedModel, manifest: str | os.PathLike | Manifest
     if cache and path.is_file():
         return _load(path, manifest)
     records = manifest.records()
-    images = (_Indexed(DecodedImages(records, loaded.preprocess, manifest, progress=progress)) if image_cache
-              else Images(records, loaded.preprocess))
+    images = (_Indexed(DecodedImages(records, loaded.preprocess, manifest, progress=progress, num_workers=num_workers))
+              if image_cache else Images(records, loaded.preprocess))
     if manifest.kind == "captions":
         texts, owner = flatten_captions(records)  # type: ignore[arg-type]
     else:
@@ -134,7 +142,8 @@ def dataset_features(loaded: LoadedModel, manifest: str | os.PathLike | Manifest
         texts = [p for c in classnames for p in manifest.prompts(c)]
     with progress_bar(total=len(records) + len(texts), desc=f"features of {manifest.name}", enabled=progress,
                       unit="item", leave=False) as bar:
-        image = encode_images(loaded.model, images, batch_size=batch_size, device=device, bar=bar)
+        image = encode_images(loaded.model, images, batch_size=batch_size, device=device, num_workers=num_workers,
+                              bar=bar)
         t = encode_texts(loaded.model, loaded.tokenizer, texts, batch_size=batch_size * 2, device=device, bar=bar)
     tensors: dict[str, torch.Tensor] = {"image": image}
     if manifest.kind == "captions":
@@ -150,6 +159,12 @@ def dataset_features(loaded: LoadedModel, manifest: str | os.PathLike | Manifest
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                       metadata={"manifest": str(manifest.path), "name": manifest.name})
     return _from_tensors(tensors, manifest, [r.id for r in records])
+
+
+def _loader(dataset, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    """Batches of ``dataset`` in index order, loaded by ``num_workers`` processes (0: this one)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                       persistent_workers=False)
 
 
 def _load(path: Path, manifest: Manifest) -> FeatureSet:
@@ -192,6 +207,7 @@ def normalize_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
 
 
 # ------------------------------------------------------------------------------ decoded-image cache
+DECODE_BATCH = 64  # images a worker decodes per batch while the cache is built
 def _pil_stages(preprocess):
     """The PIL part of an open_clip eval transform (resize, crop, RGB), without ToTensor/Normalize."""
     from torchvision import transforms as T
@@ -203,14 +219,29 @@ def _pil_stages(preprocess):
     return T.Compose(stages[:-2]), stages[-1].mean, stages[-1].std
 
 
+class _PilDecoded:
+    """uint8 (H, W, 3) arrays of the records' images after the PIL stages: the items the cache stores."""
+
+    def __init__(self, records: Sequence, pil):
+        self.records, self.pil = records, pil
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.pil(load_image(self.records[index].image)), dtype=np.uint8).copy())
+
+
 class DecodedImages:
     """Preprocessed images as a uint8 memory map (N, 3, S, S): decode and resize once, reuse in every run.
 
     Built with progress under ``<cache dir>/images/<key>.u8`` (key = records file + preprocessing), written
-    atomically; indexing returns the normalised float tensor that ``preprocess`` would return, exactly.
+    atomically, its images decoded by ``num_workers`` DataLoader processes (in order); indexing returns
+    the normalised float tensor that ``preprocess`` would return, exactly.
     """
 
-    def __init__(self, records: Sequence, preprocess, manifest: Manifest | None = None, *, progress: bool = True):
+    def __init__(self, records: Sequence, preprocess, manifest: Manifest | None = None, *, progress: bool = True,
+                 num_workers: int = 0):
         pil, self.mean, self.std = _pil_stages(preprocess)
         sample = np.asarray(pil(load_image(records[0].image)), dtype=np.uint8) if records else np.zeros((1, 1, 3), np.uint8)
         h, w = sample.shape[:2]
@@ -221,18 +252,29 @@ class DecodedImages:
         if not path.is_file():
             def write(tmp: Path) -> None:
                 mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-                for i, rec in enumerate(progress_bar(records, total=len(records), desc="decode images (cached)",
-                                                     enabled=progress, unit="img")):
-                    mm[i] = np.asarray(pil(load_image(rec.image)), dtype=np.uint8)
+                start = 0
+                with progress_bar(total=len(records), desc="decode images (cached)", enabled=progress,
+                                  unit="img") as bar:
+                    for batch in _loader(_PilDecoded(records, pil), DECODE_BATCH, num_workers):
+                        mm[start:start + len(batch)] = batch.numpy()
+                        start += len(batch)
+                        bar.update(len(batch))
                 mm.flush()
                 del mm
 
             with atomic_path(path) as tmp:
                 write(tmp)
-        self.array = np.load(path, mmap_mode="r")
+        self.path, self.array = path, np.load(path, mmap_mode="r")
         if self.array.shape != shape:
             raise ValueError(f"{path}: cached shape {self.array.shape} != expected {shape}; delete the file")
-        self.path = path
+
+    def __getstate__(self) -> dict:
+        # a worker started by spawn (macOS, Windows) maps the file again instead of receiving a copy of it
+        return {**self.__dict__, "array": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.array = np.load(self.path, mmap_mode="r")
 
     def __len__(self) -> int:
         return self.array.shape[0]

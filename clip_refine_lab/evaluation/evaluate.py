@@ -74,13 +74,15 @@ def geometry_scores(fs: FeatureSet) -> dict[str, float]:
 
 
 def measure(loaded: LoadedModel, suite: Suite, *, device: str | torch.device = "cpu", data_root: str | None = None,
-            image_cache: bool = False, done: Callable[[], object] = lambda: None) -> dict:
-    """All metrics of one model on a suite; ``done()`` is called after each data set's features."""
+            image_cache: bool = False, done: Callable[[], object] = lambda: None, num_workers: int = 0,
+            batch_size: int = 256) -> dict:
+    """All metrics of one model on a suite; ``done()`` is called after each data set's features.
+    ``num_workers`` DataLoader processes decode the images, ``batch_size`` images are encoded at once."""
     fp = weights_fingerprint(loaded.model)
 
     def feats(manifest):
         fs = dataset_features(loaded, manifest, device=device, data_root=data_root, progress=False,
-                              weights_fp=fp, image_cache=image_cache)
+                              weights_fp=fp, image_cache=image_cache, num_workers=num_workers, batch_size=batch_size)
         done()
         return fs
 
@@ -106,14 +108,15 @@ def measure(loaded: LoadedModel, suite: Suite, *, device: str | torch.device = "
 
 
 def evaluate_model(loaded: LoadedModel, suite: Suite, *, device: str | torch.device = "cpu", progress: bool = True,
-                   data_root: str | None = None, image_cache: bool = False) -> dict:
+                   data_root: str | None = None, image_cache: bool = False, num_workers: int = 0,
+                   batch_size: int = 256) -> dict:
     """All metrics of one model on a suite (features through the cache; images through the decoded-image
     cache with ``image_cache``): one line, then one bar over the suite's data sets."""
     n = len(suite.manifests())
     stage(f"Evaluating {loaded.spec.arch} on {n} data sets", enabled=progress)
     with progress_bar(total=n, desc="evaluate", enabled=progress, unit="set") as bar:
         return measure(loaded, suite, device=device, data_root=data_root, image_cache=image_cache,
-                       done=lambda: bar.update(1))
+                       done=lambda: bar.update(1), num_workers=num_workers, batch_size=batch_size)
 
 
 def gap_shift_curve(loaded: LoadedModel, caption_manifest, class_manifest, lambdas: Sequence[float], *,
@@ -205,13 +208,21 @@ def _suite(suite: Suite | str | os.PathLike | None, preset: str | None) -> tuple
 
 def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None = None, device: str = "auto",
                  progress: bool = True, data_root: str | None = None, checkpoint: str = "best",
-                 image_cache: bool | None = None, allow_incomplete: bool = False) -> dict:
+                 image_cache: bool | None = None, allow_incomplete: bool = False, num_workers: int = 0,
+                 batch_size: int = 256) -> dict:
     """Evaluate a run's refined model and its starting model; write metrics.json and metrics.csv.
 
     ``data_root=None`` takes the run's own ``data_root``; ``image_cache=None`` follows the run's
     ``image_cache`` setting. A run without ``summary.json`` is refused (:class:`IncompleteRunError`)
     unless ``allow_incomplete``, which evaluates its current weights and records ``incomplete: true``.
-    Progress is one line and one bar over both models' data sets."""
+    Progress is one line and one bar over both models' data sets. The starting model's features come
+    from the feature cache when another run of the same starting model was evaluated on the suite
+    before (its key is the weights). ``num_workers`` DataLoader processes decode images; results are
+    the same for any number."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"eval: num_workers must be an integer >= 0, got {num_workers!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"eval: batch_size must be an integer >= 1, got {batch_size!r}")
     run_dir = Path(run_dir)
     incomplete = check_finished(run_dir, allow_incomplete)
     cfg = run_config(run_dir)
@@ -226,7 +237,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None 
     stage(f"Evaluating run {cfg.run_name} and its starting model on {n} data sets", enabled=progress)
     with progress_bar(total=2 * n, desc=f"evaluate {cfg.run_name}", enabled=progress, unit="set") as bar:
         models = {label: measure(model, the_suite, device=dev, data_root=data_root, image_cache=use_cache,
-                                 done=lambda: bar.update(1))
+                                 done=lambda: bar.update(1), num_workers=num_workers, batch_size=batch_size)
                   for label, model in ((PRETRAINED_LABEL, base), (cfg.run_name, refined))}
     result = {"kind": "run", "run": str(run_dir), "method": cfg.method, "run_name": cfg.run_name,
               "checkpoint": checkpoint, "incomplete": incomplete, "suite": suite_file, "data_root": data_root,
@@ -286,7 +297,7 @@ def evaluate_pretrained(model: str | LoadedModel, pretrained: str | None = None,
                         suite: Suite | str | os.PathLike | None = None, output_dir: str | os.PathLike | None = "runs",
                         name: str | None = None, preset: str | None = None, device: str = "auto",
                         quick_gelu: bool | None = None, data_root: str | None = None, progress: bool = True,
-                        image_cache: bool = False) -> dict:
+                        image_cache: bool = False, num_workers: int = 0, batch_size: int = 256) -> dict:
     """Evaluate a model alone (the paper's "Pre-trained" row) on a suite; write its metrics.
 
     ``model`` is an architecture with ``pretrained`` (a tag such as ``openai``, a checkpoint file, or
@@ -309,7 +320,8 @@ def evaluate_pretrained(model: str | LoadedModel, pretrained: str | None = None,
         weights = resolve_pretrained(model, pretrained, preset) if pretrained else None
         loaded = load_model(model, weights, device=dev, quick_gelu=quick_gelu)
     metrics = evaluate_model(loaded, the_suite, device=dev, progress=progress, data_root=data_root,
-                             image_cache=image_cache)
+                             image_cache=image_cache, num_workers=num_workers,
+                             batch_size=batch_size)
     result = {"kind": "pretrained", "run": str(folder) if folder else None, "run_name": folder_name, "method": None,
               "checkpoint": None, "incomplete": False, "suite": suite_file, "data_root": data_root,
               "datasets": suite_datasets(the_suite, data_root), "models": {PRETRAINED_LABEL: metrics},

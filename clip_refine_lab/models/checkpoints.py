@@ -82,8 +82,10 @@ class ModelSpec:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, spec: ModelSpec, **extra: str) -> Path:
-    """Write ``model``'s state dict as safetensors, atomically, with the spec and model config in the header.
+def save_checkpoint(model: torch.nn.Module | dict[str, torch.Tensor], path: str | os.PathLike, spec: ModelSpec,
+                    **extra: str) -> Path:
+    """Write ``model``'s state dict (or ``model`` itself, a state dict) as safetensors, atomically, with
+    the spec and model config in the header.
 
     Deterministic: equal tensors and spec give identical bytes. Plain open_clip loads it as
     ``create_model_and_transforms(spec.open_clip_name, pretrained=path)`` for open_clip's own architectures,
@@ -93,7 +95,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, spec: Model
 
     import open_clip
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {
         "format": FORMAT,
         "arch": spec.arch,

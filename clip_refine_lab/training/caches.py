@@ -34,9 +34,11 @@ def manifest_positions(all_records: Sequence, records: Sequence) -> list[int]:
     return [where.get(id(r), by_id[r.id]) for r in records]
 
 
-def decoded_image_cache(all_records: Sequence, records: Sequence, preprocess, manifest, *, progress: bool) -> Subset:
-    """The kept records' preprocessed images, read from the decoded-image cache of the whole manifest."""
-    cache = DecodedImages(all_records, preprocess, manifest, progress=progress)
+def decoded_image_cache(all_records: Sequence, records: Sequence, preprocess, manifest, *, progress: bool,
+                        num_workers: int = 0) -> Subset:
+    """The kept records' preprocessed images, read from the decoded-image cache of the whole manifest
+    (built by ``num_workers`` DataLoader processes when it is missing)."""
+    cache = DecodedImages(all_records, preprocess, manifest, progress=progress, num_workers=num_workers)
     return Subset(cache, manifest_positions(all_records, records))
 
 
@@ -44,7 +46,9 @@ class TeacherFeatures:
     """Teacher features of every image and caption of a map-style source, from the one feature cache."""
 
     def __init__(self, teacher: LoadedModel, source, *, device: torch.device, progress: bool):
-        fs = dataset_features(teacher, source.manifest, device=device, progress=progress)
+        # the run's loader workers decode the images when the features are not cached yet
+        fs = dataset_features(teacher, source.manifest, device=device, progress=progress,
+                              num_workers=source.cfg.num_workers)
         self.image, self.text, self.device = fs.image, fs.text, device
         all_records, records = source.all_records, source.records
         offsets = np.concatenate([[0], np.cumsum([len(r.captions) for r in all_records])])

@@ -15,7 +15,9 @@ One readable loop in the spirit of nanoGPT's train.py. Per step:
    ones), so the B x B logits keep all negatives and the summed gradients equal the full batch's;
 5. with several processes (torchrun), features are all-gathered with gradient for the local slice,
    every rank computes the global-batch loss times the world size, and gradients are averaged:
-   the result equals the single-process gradient of the global batch;
+   the result equals the single-process gradient of the global batch; with ``fsdp`` the student and
+   teacher are sharded (:func:`clip_refine_lab.distributed.shard_model`) and FSDP's reduce-scatter
+   does the averaging;
 6. a non-finite loss term stops the run naming the step and the term, and so do a non-finite
    validation loss or parameter before any checkpoint is written; checkpoints written before stay as
    they are (:mod:`.state`);
@@ -43,7 +45,8 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..data.manifest import load_manifest
-from ..distributed import gather_features, resolve_device, world_info
+from ..distributed import (gather_features, is_sharded, model_state_dict, replicated_parameters, resolve_device,
+                           shard_model, world_info)
 from ..embedded.base import ensure_base, ensure_world, resolve_pretrained
 from ..methods import Method, get_method, loss_terms
 from ..models.checkpoints import save_checkpoint
@@ -109,6 +112,9 @@ class Refiner:
         self.progress = progress
         self.callback = callback  # called with every log record (dict), e.g. for a live plot
         self.rank, self.world_size = world_info()
+        if cfg.fsdp and self.world_size == 1:
+            raise ConfigError("fsdp shards the model across processes: launch with torchrun --nproc_per_node N "
+                              "-m clip_refine_lab.cli refine ... --fsdp true (N >= 2), or drop --fsdp")
         self.device = resolve_device(cfg.device)
         self.method: Method = get_method(cfg.method)
         self.run_dir = cfg.run_dir
@@ -145,6 +151,14 @@ class Refiner:
         self.teacher_features = None
         if cfg.teacher_cache and self.method.needs_teacher:
             self.teacher_features = TeacherFeatures(self.base, self.source, device=self.device, progress=progress)
+        if cfg.fsdp:
+            # after the teacher cache, which fingerprints the whole starting model; before the optimiser,
+            # which must hold the sharded parameters. The teacher is sharded too: replicated, a ViT-bigG
+            # teacher alone would take 10 GB (fp32) of every device, more than the student's
+            # weights, gradients and AdamW states sharded over 8 devices (5 GB).
+            for m in (self.model, self.teacher):
+                if m is not None:
+                    shard_model(m, self.device)
         self.val_every = cfg.val_every or max(1, self.steps_per_epoch // 4)
         self.checkpoint_every = cfg.checkpoint_every or self.val_every
         self.optimizer = build_adamw(self.model.named_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -261,7 +275,9 @@ class Refiner:
             return
         import torch.distributed as dist
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # FSDP has already reduce-scattered (averaged) the sharded parameters' gradients; what is left
+        # is every parameter of an unsharded model, or the replicated 0-dim ones of a sharded one
+        params = replicated_parameters(self.model)
         # A parameter may have a gradient on some ranks only (the logit scale: rank 0 carries it);
         # one that no rank touched keeps grad None, so AdamW skips it exactly as in a single process.
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
@@ -270,6 +286,8 @@ class Refiner:
             if flag and p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
         flat = torch._utils._flatten_dense_tensors(grads)
         dist.all_reduce(flat)
         flat /= self.world_size
@@ -311,8 +329,9 @@ class Refiner:
     # ------------------------------------------------------------------------------ writing
     def save_weights(self, name: str, step: int) -> None:
         check_parameters(self.model, step, self.run_dir)  # on every rank: all stop together
+        state = model_state_dict(self.model)  # sharded: gathered by every rank, held by rank 0
         if self.rank == 0:
-            save_checkpoint(self.model, self.run_dir / name, self.base.spec, method=self.cfg.method)
+            save_checkpoint(state, self.run_dir / name, self.base.spec, method=self.cfg.method)
 
     def _emit(self, log_path: Path, record: dict) -> None:
         append_jsonl(log_path, record)
@@ -333,7 +352,9 @@ class Refiner:
     # ------------------------------------------------------------------------------------- run
     def run(self) -> Path:
         cfg = self.cfg
-        step, best_val = load_state(self.run_dir, self.model, self.optimizer, self.scaler, self.device)
+        # a sharded model takes its shard of each full tensor from the CPU copy: no full copy on the device
+        step, best_val = load_state(self.run_dir, self.model, self.optimizer, self.scaler,
+                                    torch.device("cpu") if is_sharded(self.model) else self.device)
         log_path = self.run_dir / "log.jsonl"
         if self.rank == 0:
             truncate_log(log_path, step)
@@ -380,10 +401,9 @@ class Refiner:
             bar.update(1)
             if step % self.val_every == 0 or step == self.total_steps:
                 best_val = self._validate_and_keep_best(log_path, step, best_val)
-            if step % self.checkpoint_every == 0 or step == self.total_steps:
+            if step % self.checkpoint_every == 0 or step == self.total_steps:  # every rank: sharded states gather
                 check_parameters(self.model, step, self.run_dir)
-                if self.rank == 0:
-                    save_state(self.run_dir, self.model, self.optimizer, self.scaler, step, best_val)
+                save_state(self.run_dir, self.model, self.optimizer, self.scaler, step, best_val)
         bar.close()
         self.save_weights("model_final.safetensors", step)
         if not self.has_val:

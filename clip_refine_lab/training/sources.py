@@ -169,8 +169,8 @@ class MapSource:
         self.num_train_pairs, self.num_val_pairs = len(self.train_records), len(self.val_records)
         self.local_batch = check_batch_sizes(cfg, self.num_train_pairs, world_size)
         self.steps_per_epoch, self.total_steps = plan_steps(cfg, self.num_train_pairs)
-        images = (decoded_image_cache(self.all_records, self.records, base.preprocess, manifest, progress=progress)
-                  if cfg.image_cache else None)
+        images = (decoded_image_cache(self.all_records, self.records, base.preprocess, manifest, progress=progress,
+                                      num_workers=cfg.num_workers) if cfg.image_cache else None)
         self.train_set = CaptionPairs(self.train_records, base.preprocess, base.tokenizer, seed=cfg.seed,
                                       image_cache=Subset(images, self.train_idx) if images is not None else None,
                                       manifest=manifest.path)

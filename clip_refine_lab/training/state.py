@@ -22,12 +22,15 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..rundir import CHECKPOINT_DIR
+from ..distributed import (is_main_process, load_model_state_dict, load_optimizer_state_dict, model_state_dict,
+                           optimizer_state_dict)
 from ..utils import atomic_path
 
 # Fields that may differ between a run and its resumption: where and how fast, not what is computed; and
 # on_bad_sample, so that a run stopped by a bad record can go on with such records left out.
 RESUMABLE_FIELDS = ("output_dir", "run_name", "device", "num_workers", "log_every", "max_steps",
-                    "attention", "compile", "channels_last", "grad_checkpointing", "leakage_suite", "on_bad_sample")
+                    "attention", "compile", "channels_last", "grad_checkpointing", "leakage_suite", "on_bad_sample",
+                    "fsdp")
 
 LAST_CHECKPOINT = Path(CHECKPOINT_DIR) / "last.pt"
 RESTART_HINT = "--restart (Python: refine(..., restart=True))"
@@ -123,8 +126,13 @@ def _tensor_bytes(obj) -> int:
 
 def save_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, step: int,
                best_val: float | None) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+    """Write ``checkpoints/last.pt`` from rank 0. Called on every rank: a sharded model's full state
+    dicts are gathered by all of them (:mod:`clip_refine_lab.distributed`); the file is the same
+    ordinary state dicts either way."""
+    state = {"model": model_state_dict(model), "optimizer": optimizer_state_dict(model, optimizer), "step": step,
              "best_val": best_val if best_val is not None else float("nan")}
+    if not is_main_process():
+        return
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     # through a Python file object: a full disk then raises OSError(ENOSPC) rather than torch's
@@ -143,8 +151,8 @@ def load_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         step, best = int(state["step"]), float(state["best_val"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_model_state_dict(model, state["model"])
+        load_optimizer_state_dict(model, optimizer, state["optimizer"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
     except Exception as e:  # noqa: BLE001 - truncated zip, random bytes, missing keys, wrong shapes
