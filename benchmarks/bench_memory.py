@@ -151,11 +151,24 @@ def run_child(spec: dict, threads: int | None) -> dict:
     return json.loads(lines[-1])
 
 
+def add_derived(rows: list[dict]) -> None:
+    """What checkpointing saved (rows come in pairs: off, on) and the part of each peak above the state
+    after the step (weights, teacher, AdamW, gradients), measured and estimated: the activations' share."""
+    for plain, ckpt in zip(rows[::2], rows[1::2]):
+        if plain.get("measured_gib") and ckpt.get("measured_gib"):
+            ckpt["saving"] = plain["measured_gib"] - ckpt["measured_gib"]
+    for row in rows:
+        if row.get("measured_gib"):
+            row["above_steady_gib"] = row["measured_gib"] - row["steady_gib"]
+            row["estimate_above_steady_gib"] = row["estimate_gib"] - row["estimate_steady_gib"]
+
+
 # ----------------------------------------------------------------------------------- main
 COLUMNS = [("model", "model"), ("device", "device"), ("precision", "precision"), ("batch", "batch"),
            ("teacher", "teacher"), ("checkpointing", "grad ckpt"), ("measured_gib", "measured peak (GiB)"),
            ("estimate_gib", "estimate (GiB)"), ("ratio", "estimate / measured"),
            ("steady_gib", "after step (GiB)"), ("estimate_steady_gib", "estimate after step (GiB)"),
+           ("above_steady_gib", "peak above it (GiB)"), ("estimate_above_steady_gib", "estimate above it (GiB)"),
            ("saving", "ckpt saves (GiB)"), ("note", "note")]
 
 
@@ -198,9 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = run_child(spec, args.threads)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    for plain, ckpt in zip(rows[::2], rows[1::2]):
-        if plain.get("measured_gib") and ckpt.get("measured_gib"):
-            ckpt["saving"] = plain["measured_gib"] - ckpt["measured_gib"]
+    add_derived(rows)
     info = machine_info(args.device)
     print(f"\n{describe_machine(info)}\n")
     print(format_table(rows, COLUMNS))

@@ -92,6 +92,14 @@ def test_the_trainer_encodes_captions_up_to_the_longest_and_equals_the_full_cont
         assert (g_t[name] - g_f[name]).abs().max().item() <= 1e-5 * largest, name
 
 
+def test_a_run_resumes_with_grad_checkpointing_switched(tmp_path, micro_base):
+    """A memory setting, not a maths one: switching it does not make the run directory another run's."""
+    from clip_refine_lab.training.loop import refine
+
+    first = refine(micro_config(tmp_path, max_steps=1), progress=False)
+    assert refine(micro_config(tmp_path, max_steps=1, grad_checkpointing=True), progress=False) == first
+
+
 def test_teacher_cache_keeps_no_teacher_copy(tmp_path, micro_base):
     refiner = Refiner(micro_config(tmp_path, teacher_cache=True), progress=False)
     assert refiner.teacher is None and refiner.teacher_features is not None

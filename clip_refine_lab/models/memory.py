@@ -13,8 +13,8 @@ The parts, per device, in bytes:
 * **activations**: what the student's forward keeps for backward, per sample from each tower's geometry
   (layers, width, tokens, heads, MLP width) and the precision; with ``grad_checkpointing`` only each
   transformer block's input is kept and one block is recomputed at a time during backward;
-* **backward working memory**: the activation gradients of the block being differentiated (and, with
-  checkpointing, that block's recomputed activations).
+* **backward working memory**: about one block's activations for the micro-batch: the activation
+  gradients of the block being differentiated or, with checkpointing, its recomputed activations.
 
 What one transformer block keeps per token (counted with ``torch.autograd.graph.saved_tensors_hooks``
 on open_clip's blocks, SDPA path): the residual input of each of its two layer norms (fp32 even under
@@ -165,7 +165,9 @@ def tower_bytes(shape: TowerShape, *, tokens: int | None = None, act: int, check
     block = block_bytes(shape, n, act)
     outside = shape.input_elements * act + 2 * n * shape.width * 4  # patch/token embedding, final layer norm
     kept = outside + shape.layers * (n * shape.width * 4 if checkpointing else block)
-    return kept, block * (2 if checkpointing else 1)
+    # In backward one block's worth is live on top (its activation gradients; with checkpointing, its recomputed
+    # activations, freed as they are used): measured on ViT-B-32 and ViT-L-14 (benchmarks/RESULTS.md).
+    return kept, block
 
 
 @dataclass(frozen=True)
