@@ -117,3 +117,26 @@ def test_cli_eval_with_workers_gives_the_same_metrics(runs, capsys):
     capsys.readouterr()
     assert main(["--quiet", "eval", str(a), "--suite", str(suite), "--num-workers", "-1"]) == 2
     assert "num_workers must be an integer >= 0, got -1" in capsys.readouterr().err
+
+
+def test_bench_eval_workers_quick(tmp_path):
+    """The benchmark runs end to end on its smallest fixture and reports every measurement (speed is
+    never asserted)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_eval_workers.py"), "--quick", "--threads",
+                           "1", "--fixture-dir", str(tmp_path / "fixture"), "--cache", str(tmp_path / "cache"),
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["workers"] for r in result["throughput"]] == [0, 2]
+    assert all(r["images"] == 96 and r["images_per_s"] > 0 for r in result["throughput"])
+    assert len(result["evaluation"]) == 4 and all(e["seconds"] > 0 for e in result["evaluation"])
+    assert len(list((tmp_path / "fixture" / "images").glob("*.jpg"))) == 96
+    assert "images/s" in proc.stdout
