@@ -229,8 +229,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, suite: str | os.PathLike | None 
     dev = resolve_device(device)
     data_root = data_root or cfg.data_root
     the_suite, suite_file = _suite(suite, cfg.preset)
+    check_labels(the_suite, data_root)  # the label range named first, then the data check's findings
     check_suite(the_suite, data_root)
-    check_labels(the_suite, data_root)
     base, refined = load_run_models(run_dir, dev, checkpoint)
     use_cache = cfg.image_cache if image_cache is None else image_cache
     n = len(the_suite.manifests())
@@ -312,8 +312,8 @@ def evaluate_pretrained(model: str | LoadedModel, pretrained: str | None = None,
     folder_name = name or pretrained_name(requested["model"], requested["pretrained"])
     folder = _alone_folder(output_dir, folder_name)
     the_suite, suite_file = _suite(suite, preset)
+    check_labels(the_suite, data_root)  # the label range named first, then the data check's findings
     check_suite(the_suite, data_root)
-    check_labels(the_suite, data_root)
     if isinstance(model, LoadedModel):
         loaded = model
     else:

@@ -30,6 +30,7 @@ from ..data.preflight import check_suite, preflight_manifest
 from ..embedded.pretrain import refuse_sigmoid_family
 from ..embedded.world import WorldConfig, world_root
 from ..models.checkpoints import CHECKPOINT_SUFFIXES, read_checkpoint_meta
+from ..models.families import config_family
 from ..models.loading import EMBEDDED_TAG, register_tiny_architectures, tiny_architectures
 from .sources import is_manifest_path
 
@@ -95,7 +96,8 @@ def check_embedded_image_size(cfg: RunConfig, arch: str, model_cfg: dict) -> Non
     size, world = image_size_of(model_cfg), world_image_size(str(cfg.preset))
     if size is None or size == world:
         return
-    fits = [a for a in tiny_architectures() if image_size_of(_tiny_config(a)) == world]
+    fits = [a for a in tiny_architectures()
+            if image_size_of(_tiny_config(a)) == world and config_family(_tiny_config(a)) == "clip"]
     other = [p for p in PRESETS if world_image_size(p) == size]
     alternatives = [f"--model {fits[0]}" if fits else None, f"--preset {other[0]}" if other else None,
                     "--pretrained with real weights or a checkpoint"]
