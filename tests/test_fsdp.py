@@ -182,3 +182,12 @@ def test_fsdp_options_are_checked_before_work(tmp_path, micro_base):
         RunConfig(fsdp="yes").validate()  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="launch with torchrun --nproc_per_node N"):
         refine(micro_config(tmp_path, run_name="alone", fsdp=True, max_steps=1), progress=False)
+
+
+def test_every_transformer_block_of_both_towers_is_one_unit(micro_base):
+    from clip_refine_lab.distributed import transformer_blocks
+
+    model = load_model(str(micro_base)).model
+    blocks = transformer_blocks(model)
+    expected = [*model.visual.transformer.resblocks, *model.transformer.resblocks]
+    assert len(blocks) == len(expected) >= 2 and all(a is b for a, b in zip(blocks, expected))
