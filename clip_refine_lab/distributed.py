@@ -235,3 +235,24 @@ def load_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Opt
     for i, p in enumerate(params):
         if i not in state["state"]:
             optimizer.state.pop(p, None)
+
+
+def average_gradients(params: list, device: torch.device, world_size: int) -> None:
+    """Average ``params``' gradients over the processes (one flat all-reduce), as DDP would.
+
+    A parameter may have a gradient on some ranks only (the logit scale: rank 0 carries it), so it
+    gets zeros where it has none; one that no rank touched keeps grad None, so AdamW skips it exactly
+    as in a single process."""
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    for p, flag in zip(params, has_grad.tolist()):
+        if flag and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world_size
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)

@@ -45,8 +45,8 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..data.manifest import load_manifest
-from ..distributed import (gather_features, is_sharded, model_state_dict, replicated_parameters, resolve_device,
-                           shard_model, world_info)
+from ..distributed import (average_gradients, gather_features, is_sharded, model_state_dict, replicated_parameters,
+                           resolve_device, shard_model, world_info)
 from ..embedded.base import ensure_base, ensure_world, resolve_pretrained
 from ..methods import Method, get_method, loss_terms
 from ..models.checkpoints import save_checkpoint
@@ -204,6 +204,11 @@ class Refiner:
         return self.teacher_features.batch(split, dataset, indices, epoch)
 
     # ------------------------------------------------------------------------------- one step
+    def encode_text(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features up to the batch's longest caption (exact under the causal mask); a sharded model
+        takes open_clip's encode_text, the method FSDP gathers the root's weights for."""
+        return model.encode_text(tokens) if self.cfg.fsdp else encode_text_trimmed(model, tokens)
+
     def compute_loss(self, images: torch.Tensor, tokens: torch.Tensor, step: int, *, train: bool,
                      teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
         """Loss terms for one global batch; with ``train`` also accumulates gradients (OpenCLIP way).
@@ -217,7 +222,7 @@ class Refiner:
             if teacher is None:
                 with torch.no_grad(), self.autocast():
                     teacher = (self.teacher.encode_image(images).float(),  # type: ignore[union-attr]
-                               encode_text_trimmed(self.teacher, tokens).float())
+                               self.encode_text(self.teacher, tokens).float())
             ti, tt = gather_features(*teacher)
             extras.update(teacher_image=ti, teacher_text=tt)
         if method.needs_prior:
@@ -232,7 +237,7 @@ class Refiner:
         if not train:
             scale = model.logit_scale.exp()
             with torch.no_grad(), self.autocast():
-                fi, ft = gather_features(model.encode_image(images).float(), encode_text_trimmed(model, tokens).float())
+                fi, ft = gather_features(model.encode_image(images).float(), self.encode_text(model, tokens).float())
                 return {k: v.detach() for k, v in loss_terms(method, cfg, fi, ft, logit_scale=scale, logit_bias=bias,
                                                              **extras).items()} | {"_features": (fi, ft)}
         micro = images.shape[0] // cfg.accum_steps
@@ -240,12 +245,12 @@ class Refiner:
         if cfg.accum_steps > 1:
             with torch.no_grad(), self.autocast():
                 cached_i = [model.encode_image(images[c]).float() for c in chunks]
-                cached_t = [encode_text_trimmed(model, tokens[c]).float() for c in chunks]
+                cached_t = [self.encode_text(model, tokens[c]).float() for c in chunks]
         terms: dict = {}
         for j, c in enumerate(chunks):
             with self.autocast():
                 # captions up to the micro-batch's longest: exact under the causal mask (models/speed.py)
-                fi_j, ft_j = model.encode_image(images[c]).float(), encode_text_trimmed(model, tokens[c]).float()
+                fi_j, ft_j = model.encode_image(images[c]).float(), self.encode_text(model, tokens[c]).float()
             if cfg.accum_steps > 1:
                 fi_local = torch.cat(cached_i[:j] + [fi_j] + cached_i[j + 1:])
                 ft_local = torch.cat(cached_t[:j] + [ft_j] + cached_t[j + 1:])
@@ -271,28 +276,10 @@ class Refiner:
         return out
 
     def all_reduce_gradients(self) -> None:
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
         # FSDP has already reduce-scattered (averaged) the sharded parameters' gradients; what is left
         # is every parameter of an unsharded model, or the replicated 0-dim ones of a sharded one
-        params = replicated_parameters(self.model)
-        # A parameter may have a gradient on some ranks only (the logit scale: rank 0 carries it);
-        # one that no rank touched keeps grad None, so AdamW skips it exactly as in a single process.
-        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
-        dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
-        for p, flag in zip(params, has_grad.tolist()):
-            if flag and p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+        if self.world_size > 1:
+            average_gradients(replicated_parameters(self.model), self.device, self.world_size)
 
     def optimizer_step(self) -> None:
         """Unscale (fp16), clip, step, and clamp the temperature, as CLIP does after every update."""
