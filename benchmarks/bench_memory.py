@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", nargs="+", default=None, help="default: see the module docstring")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 8 and 32 (ViT-B-32), 8 (ViT-L-14) on CPU, 512 on CUDA")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: 8 and 32 (ViT-B-32), 8 (ViT-L-14) on CPU, 512 on CUDA")
     p.add_argument("--precision", default=None, help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--teacher", default=None, choices=("cache", "forward", "both"))
     p.add_argument("--quick", action="store_true", help="micro-vit-32, batch 8, teacher forward")

@@ -290,6 +290,7 @@ def device_memory(device: torch.device) -> tuple[int, int] | None:
 
 def advice(cfg: RunConfig, free: int, *, world_size: int = 1) -> list[str]:
     """Changes of the run that lower its estimate, each with the estimate it gives, and one combination that fits."""
+    needs_teacher = get_method(cfg.method).needs_teacher
     options: list[tuple[str, RunConfig]] = []
     if cfg.precision == "fp32" and cfg.device != "cpu":  # 16-bit activations: about half
         options.append(("--precision bf16", replace(cfg, precision="bf16")))
@@ -299,20 +300,21 @@ def advice(cfg: RunConfig, free: int, *, world_size: int = 1) -> list[str]:
     for steps in (2, 4, 8, 16):
         if steps > cfg.accum_steps and local % steps == 0:
             options.append((f"--accum-steps {steps}", replace(cfg, accum_steps=steps)))
-    if get_method(cfg.method).needs_teacher and not cfg.teacher_cache:
+    if needs_teacher and not cfg.teacher_cache:
         options.append(("--teacher-cache true", replace(cfg, teacher_cache=True)))
     lines = []
     for flag, changed in options:
         peak = estimate_for_config(changed, world_size=world_size).peak
         lines.append(f"{flag}: {gib(peak)}{'' if peak <= free else ' (still too much alone)'}")
-    combined = replace(cfg, grad_checkpointing=True, teacher_cache=cfg.teacher_cache or get_method(cfg.method).needs_teacher)
+    combined = replace(cfg, grad_checkpointing=True, teacher_cache=cfg.teacher_cache or needs_teacher)
     for steps in sorted({cfg.accum_steps, 2, 4, 8, 16}):
         if steps >= cfg.accum_steps and local % steps == 0:
             candidate = replace(combined, accum_steps=steps)
             peak = estimate_for_config(candidate, world_size=world_size).peak
             if peak <= free:
-                flags = "--grad-checkpointing true" + (" --teacher-cache true" if candidate.teacher_cache else "")
-                lines.append(f"together: {flags} --accum-steps {steps}: {gib(peak)}")
+                flags = ("--grad-checkpointing true" + (" --teacher-cache true" if candidate.teacher_cache else "")
+                         + (f" --accum-steps {steps}" if steps > 1 else ""))
+                lines.append(f"together: {flags}: {gib(peak)}")
                 break
     else:
         lines.append("--fsdp under torchrun to shard weights, gradients and AdamW states over several GPUs")
