@@ -241,7 +241,7 @@ def estimate_memory(model: str, *, batch_size: int, accum_steps: int = 1, precis
 
     ``batch_size`` is the global batch (``world_size`` processes share it); ``teacher`` is whether a
     teacher copy is in memory (a method with a teacher, without the teacher cache); ``shards`` divides
-    weights, gradients and optimiser states (FSDP); ``text_tokens`` the caption columns encoded (default:
+    weights, gradients, optimiser states and the teacher (FSDP); ``text_tokens`` the caption columns encoded (default:
     the full context, the most a batch can need)."""
     arch = architecture(model)
     act = 4 if precision == "fp32" else 2
@@ -257,7 +257,7 @@ def estimate_memory(model: str, *, batch_size: int, accum_steps: int = 1, precis
     return MemoryEstimate(
         model=model, batch_per_device=local, micro_batch=micro, precision=precision,
         grad_checkpointing=grad_checkpointing, teacher_in_memory=teacher, shards=shards,
-        weights=4 * p // shards, gradients=4 * p // shards, optimizer=8 * p // shards, teacher=4 * p if teacher else 0,
+        weights=4 * p // shards, gradients=4 * p // shards, optimizer=8 * p // shards, teacher=4 * p // shards if teacher else 0,
         autocast_copies=0 if precision == "fp32" else 2 * p // shards,
         image_activations=micro * image_kept, text_activations=micro * text_kept,
         backward_working=micro * max(image_work, text_work),
@@ -268,7 +268,7 @@ def estimate_memory(model: str, *, batch_size: int, accum_steps: int = 1, precis
 def estimate_for_config(cfg: RunConfig, *, world_size: int = 1, text_tokens: int | None = None) -> MemoryEstimate:
     """The estimate for a resolved :class:`RunConfig` run by ``world_size`` processes."""
     teacher = get_method(cfg.method).needs_teacher and not cfg.teacher_cache
-    fsdp = bool(getattr(cfg, "fsdp", False))  # the sharding option shards the parameter states over the processes
+    fsdp = cfg.fsdp  # FSDP shards the parameter states and the frozen teacher over the processes
     return estimate_memory(cfg.model, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,  # type: ignore[arg-type]
                            precision=cfg.precision, grad_checkpointing=cfg.grad_checkpointing, teacher=teacher,
                            world_size=world_size, shards=world_size if fsdp else 1, text_tokens=text_tokens)
