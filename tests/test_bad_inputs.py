@@ -156,7 +156,7 @@ CASES: dict[str, Case] = {
     "label out of range in eval": Case(
         ("--quiet", "eval", "{earlier}", "--suite", "{suite}", "--device", "cpu"),
         lambda t: suite(t, zero_shot=[classification_set(t, labels=(0, 7, 1))]),
-        ("label_out_of_range", "outside 0..2", "evaluation (suite section 'zero_shot')", CHECK), absent=(SKIP,)),
+        ("pairs.jsonl:2", "(id 1)", "label 7, outside the valid range 0..2", CHECK), absent=(SKIP,)),
     "empty caption in a retrieval set": Case(
         ("--quiet", "eval", "{earlier}", "--suite", "{suite}", "--device", "cpu"),
         lambda t: suite(t, retrieval=[pairs(t, edit=caption(0, ["fine", ""]))]),
