@@ -270,18 +270,10 @@ def m2_mix_loss(
     The paper's authors did not release m²-mix; this follows the paper's description of it.
     """
     _check_pairs("m2_mix_loss", image_features, text_features)
-    lam_value = float(lam)
-    if not 0.0 <= lam_value <= 1.0:
-        raise ValueError(f"m2-mix lambda must be in [0, 1], got {lam_value}")
-    x = F.normalize(image_features, dim=-1)
-    y = F.normalize(text_features, dim=-1)
-    mixed = spherical_interpolation(x, y, lam)
-    positive = (x * y).sum(dim=-1)
-    diagonal = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-    logits_image = torch.where(diagonal, positive.unsqueeze(1), x @ mixed.T) * logit_scale
-    logits_text = torch.where(diagonal, positive.unsqueeze(1), y @ mixed.T) * logit_scale
-    labels = torch.arange(x.shape[0], device=x.device)
-    return F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)
+    cosines_image, cosines_text = _m2_mixed_cosines(image_features, text_features, lam)
+    labels = torch.arange(cosines_image.shape[0], device=cosines_image.device)
+    return (F.cross_entropy(cosines_image * logit_scale, labels)
+            + F.cross_entropy(cosines_text * logit_scale, labels))
 
 
 def _pairwise_sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
