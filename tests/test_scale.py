@@ -32,6 +32,22 @@ def assert_same_gradients(got: dict, want: dict, rtol: float, atol: float) -> No
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=name)
 
 
+def bytes_saved_for_backward(forward, excluded) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``forward()`` runs, leaving
+    out the storages of ``excluded`` (the weights, which stay whatever is saved)."""
+    skip = {t.untyped_storage()._cdata for t in excluded}
+    kept: dict = {}
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in skip:
+            kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(kept.values())
+
+
 @pytest.mark.parametrize("accum_steps", [1, 2])
 def test_grad_checkpointing_gives_the_plain_gradients(tmp_path, micro_world, accum_steps):
     plain = Refiner(micro_config(tmp_path, **TINY, accum_steps=accum_steps), progress=False)
@@ -52,17 +68,8 @@ def test_grad_checkpointing_keeps_fewer_tensors_for_backward(tmp_path, micro_wor
     for on in (False, True):
         refiner = Refiner(micro_config(tmp_path, **TINY, method="contrastive", grad_checkpointing=on), progress=False)
         images, tokens = refiner.load_batch(refiner.source.train_set, refiner.source.batch_indices(0, 0))
-        params = {p.untyped_storage()._cdata for p in refiner.model.parameters()}
-        kept: dict = {}
-
-        def pack(t):
-            if t.untyped_storage()._cdata not in params:
-                kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            refiner.model.encode_image(images)
-        saved[on] = sum(kept.values())
+        saved[on] = bytes_saved_for_backward(lambda: refiner.model.encode_image(images),
+                                             excluded=refiner.model.parameters())
     assert saved[True] < saved[False] / 4
 
 
@@ -145,18 +152,8 @@ def test_activation_estimate_matches_what_the_forward_keeps_for_backward(arch):
     size = model.visual.image_size
     images = torch.randn(4, 3, *((size, size) if isinstance(size, int) else size))
     tokens = torch.randint(1, 1000, (4, model.context_length))
-    params = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    kept: dict = {}
-
-    def pack(t):
-        if t.untyped_storage()._cdata not in params:
-            kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.encode_image(images)
-        model.encode_text(tokens)
-    measured = sum(kept.values())
+    measured = bytes_saved_for_backward(lambda: (model.encode_image(images), model.encode_text(tokens)),
+                                        excluded=[*model.parameters(), *model.buffers()])
     estimate = memory.estimate_memory(arch, batch_size=4).activations
     assert 0.9 < estimate / measured < 1.15, (estimate, measured)
 
