@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from clip_refine_lab.config import PRESETS
     from clip_refine_lab.embedded.base import ensure_base, ensure_world
-    from clip_refine_lab.embedded.pretrain import RECIPES
+    from clip_refine_lab.embedded.pretrain import base_recipe
     from clip_refine_lab.models.loading import load_model
 
     preset = PRESETS[args.world]
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"arch": arch, "world": args.world, "pretrained": args.pretrained, "probes": probes, "text": texts,
               "relation_binding": binding, "palette_parts": parts}
     if args.supervised_steps:
-        sup = supervised_learnability(arch, world, args.supervised_steps, RECIPES[preset.name], args.device)
+        sup = supervised_learnability(arch, world, args.supervised_steps, base_recipe(None, preset.name)[1], args.device)
         print(f"\nsupervised learnability of {arch}'s image tower ({sup['steps']} steps, {sup['train_images']} "
               f"single-object web images): shape {sup['shape_top1']:.1f} %, position {sup['position_top1']:.1f} %")
         result["supervised"] = sup

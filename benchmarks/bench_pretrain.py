@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from clip_refine_lab.models.loading import load_model
     from clip_refine_lab.optim import build_adamw
     from clip_refine_lab.models.speed import encode_text_trimmed, use_sdpa_attention
-    from clip_refine_lab.embedded.pretrain import RECIPES, TEXT_BUCKETS
+    from clip_refine_lab.embedded.pretrain import TEXT_BUCKETS, base_recipe
     from clip_refine_lab.embedded.captions import relation_objects_swapped
     from clip_refine_lab.embedded.world import WorldConfig, build_world
 
     preset = PRESETS[args.world]
     arch = args.arch or preset.model
-    batch = args.batch_size or RECIPES[preset.name].batch_size
+    batch = args.batch_size or base_recipe(None, preset.name)[1].batch_size
     print(f"# bench_pretrain on cpu: {describe_machine(machine_info('cpu'))}", flush=True)
     world = build_world(WorldConfig.preset(preset.world), progress=False)
     records = load_manifest(world.manifest("synthetic-web")).records()

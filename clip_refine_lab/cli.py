@@ -106,12 +106,51 @@ def dry_run(cfg: RunConfig) -> int:
 def cmd_pretrain(args) -> int:
     import json
 
-    from .embedded.base import ensure_base
+    from .embedded.base import base_is_built, ensure_base
     from .embedded.pretrain import format_summary
 
-    path = ensure_base(args.model, world_preset=args.preset, progress=not args.quiet)
-    print(format_summary(json.loads(path.with_suffix(".json").read_text())))
+    cached = base_is_built(args.model, world_preset=args.preset, base=args.base)
+    path = ensure_base(args.model, world_preset=args.preset, base=args.base, progress=not args.quiet)
+    if cached or args.quiet:  # a base trained just now has printed its summary already
+        print(format_summary(json.loads(path.with_suffix(".json").read_text())))
     print(path)
+    return 0
+
+
+def cmd_regime(args) -> int:
+    """Regime statistics of one model (or a run's starting and refined models) on a caption set."""
+    from .distributed import resolve_device
+    from .embedded.base import ensure_world, resolve_pretrained, world_manifest
+    from .models.loading import is_embedded, load_model
+    from .regime import format_regime, model_regime
+
+    if (args.run_dir is None) == (args.model is None):
+        raise ConfigError("regime: give a run directory or --model ARCH (with --pretrained TAG|FILE), "
+                          f"{'not both' if args.run_dir else 'got neither'}")
+    device = str(resolve_device(args.device))
+    columns, data, preset = {}, args.data, args.preset
+    if args.run_dir:
+        from .evaluation.evaluate import load_run_models
+        from .rundir import find_run, run_config
+
+        run = find_run(args.run_dir)
+        cfg = run_config(run)
+        preset = preset or cfg.preset
+        if data is None and Path(str(cfg.data)).suffix:  # a real caption set: the one the run was trained on
+            data = str(cfg.data)
+        base, refined = load_run_models(run, device=device)
+        columns = {"starting model": base, "refined": refined}
+    data = data or "synthetic-retrieval"
+    if not Path(data).suffix or is_embedded(args.pretrained):  # a split of the embedded world, or its base
+        ensure_world(preset, progress=not args.quiet)
+    manifest = data if Path(data).suffix else world_manifest(data, preset)
+    if not args.run_dir:
+        pretrained = resolve_pretrained(args.model, args.pretrained, preset)
+        columns = {f"{args.model} ({args.pretrained})": load_model(args.model, pretrained, device=device)}
+    stats = {name: model_regime(loaded, manifest, device=device, data_root=args.data_root)
+             for name, loaded in columns.items()}
+    print(f"regime statistics on {manifest} (each image with its first caption):")
+    print(format_regime(stats))
     return 0
 
 
@@ -207,7 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="build the embedded world and pre-train (or load) the base model")
     p.add_argument("--model", default=None, help="tiny architecture (default: the preset's)")
     p.add_argument("--preset", default=None, help="default or micro (default: $CLIP_REFINE_LAB_PRESET or default)")
+    p.add_argument("--base", default=None, help="base recipe: converged (the default preset's) or high-temperature "
+                                                "(the scale left near 1/0.07); a run starts from it with "
+                                                "--pretrained embedded:NAME (docs/embedded-world.md)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("regime", help="regime statistics (logit scale, gap, alignment, uniformity, raw norms) of a "
+                                      "model or a run on a caption set, beside real CLIP ViT-B/32's")
+    p.add_argument("run_dir", nargs="?", default=None, help="a run: its starting and refined models (or use --model)")
+    p.add_argument("--model", default=None, help="an architecture, one of our tiny ones, or one of our checkpoints")
+    p.add_argument("--pretrained", default="embedded", help="with --model: a tag (openai), a checkpoint file, "
+                                                           "'embedded' or 'embedded:NAME' (default: embedded)")
+    p.add_argument("--data", default=None, help="a caption manifest or a split of the embedded world "
+                                                "(default: synthetic-retrieval)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_regime)
 
     p = sub.add_parser("world", help="build (or find) the embedded synthetic world and list its manifests")
     p.add_argument("--preset", default=None)

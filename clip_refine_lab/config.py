@@ -405,7 +405,7 @@ FIELD_HELP: dict[str, str] = {
     "val_every": "validate every N steps (default: four times per epoch)",
     "checkpoint_every": "write the resumable checkpoint every N steps (default: with each validation)",
     "model": "open_clip architecture (ViT-B-32, ...) or one of ours (tiny-vit-48, ...); default from the preset",
-    "pretrained": "pretrained tag (openai, ...), a checkpoint file, or 'embedded' (our base model); an hf-hub: or local-dir: model uses its own weights",
+    "pretrained": "pretrained tag (openai, ...), a checkpoint file, 'embedded' (our base model: the preset's) or 'embedded:NAME' (embedded:high-temperature); an hf-hub: or local-dir: model uses its own weights",
     "quick_gelu": "force QuickGELU on/off (default: from the tag or checkpoint; OpenAI weights need it)",
     "data": "training pairs: a manifest YAML or a split of the embedded world (synthetic-coco, synthetic-web)",
     "data_root": "folder that ${CLIP_REFINE_LAB_DATA} in manifests stands for",

@@ -48,6 +48,15 @@ class FeatureSet:
     ids: list[str] = field(default_factory=list)
 
 
+def first_caption_pairs(fs: FeatureSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, first caption) feature pairs of a caption feature set: the matched rows the geometry is measured on."""
+    owner = fs.text_to_image
+    first = torch.full((fs.image.shape[0],), -1, dtype=torch.long)
+    idx = torch.arange(owner.shape[0])
+    first.scatter_reduce_(0, owner, idx, reduce="amin", include_self=False)
+    return fs.image, fs.text[first]
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the state dict (names, shapes, dtypes and bytes): changes whenever any weight does."""
     h = hashlib.sha256()

@@ -35,6 +35,7 @@ __all__ = [
     "alignment",
     "uniformity",
     "pooled_uniformity",
+    "regime_statistics",
     "class_embeddings",
     "zero_shot_logits",
     "classification_metrics",
@@ -240,6 +241,31 @@ def pooled_uniformity(
     pooled[:n_image] = _normalized_copy(image_features, dtype)
     pooled[n_image:] = _normalized_copy(text_features, dtype)
     return _uniformity_of_unit_vectors(pooled, t, block_size)
+
+
+def regime_statistics(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> dict[str, float]:
+    """The statistics that say which regime a CLIP's feature space is in, on matched (image, caption) rows.
+
+    The geometry (:func:`modality_gap`, :func:`alignment`, :func:`pooled_uniformity`) with the model's
+    learned ``logit_scale`` (exp of the parameter, the number the cosines are multiplied by) and the mean
+    raw norms. ``norm_product_over_scale`` = mean ‖f_I‖ · mean ‖f_T‖ / logit_scale: how much sharper a
+    softmax over raw-feature dot products (HyCD at T = 1) is than the model's own calibrated one over
+    scaled cosines; 1 means the same sharpness. Keys: ``logit_scale``, ``gap_l2``, ``gap_mse``,
+    ``alignment``, ``uniformity_log``, ``uniformity_rbf``, ``image_norm``, ``text_norm``,
+    ``norm_product``, ``norm_product_over_scale``.
+    """
+    image_features = _as_features(image_features, "image_features")
+    text_features = _as_features(text_features, "text_features")
+    _check_paired(image_features, text_features)
+    if not logit_scale > 0:
+        raise ValueError(f"logit_scale is exp(logit_scale parameter) and must be > 0, got {logit_scale}")
+    out = {"logit_scale": float(logit_scale), **modality_gap(image_features, text_features),
+           "alignment": alignment(image_features, text_features), **pooled_uniformity(image_features, text_features)}
+    out["image_norm"] = float(image_features.double().norm(dim=-1).mean())
+    out["text_norm"] = float(text_features.double().norm(dim=-1).mean())
+    out["norm_product"] = out["image_norm"] * out["text_norm"]
+    out["norm_product_over_scale"] = out["norm_product"] / out["logit_scale"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,15 +33,25 @@ def fused_adamw_available(device: torch.device) -> bool:
 
 def build_adamw(named_params: Iterable[tuple[str, torch.nn.Parameter]], *, lr: float, weight_decay: float,
                 betas: tuple[float, float], eps: float, exclude_gains: bool,
-                device: torch.device) -> torch.optim.AdamW:
+                device: torch.device, logit_scale_lr_factor: float | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; with ``exclude_gains`` gains, biases and the logit scale
-    take no weight decay (they are in a second group, after the decayed weights)."""
+    take no weight decay (they are in a second group, after the decayed weights).
+
+    ``logit_scale_lr_factor`` puts the logit scale in a group of its own, without weight decay, whose
+    learning rate is that many times the others' at every step (:func:`set_lr` keeps the ratio). AdamW
+    moves a parameter by about one learning rate per step, so at a base lr the log-scale crosses the ~2
+    units from 1/0.07 to the cap of 100 only over thousands of steps; a short pre-training needs its own rate."""
     params = [(n, p) for n, p in named_params if p.requires_grad]
+    own = [(n, p) for n, p in params if logit_scale_lr_factor is not None and n.endswith("logit_scale")]
+    params = [(n, p) for n, p in params if all(p is not q for _, q in own)]
     if exclude_gains:
         groups = [{"params": [p for n, p in params if not is_gain_or_bias(n, p)], "weight_decay": weight_decay},
                   {"params": [p for n, p in params if is_gain_or_bias(n, p)], "weight_decay": 0.0}]
     else:
         groups = [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    if own:
+        groups.append({"params": [p for _, p in own], "weight_decay": 0.0, "lr_factor": logit_scale_lr_factor,
+                       "lr": lr * logit_scale_lr_factor})
     kwargs = {"fused": True} if fused_adamw_available(device) else {}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
@@ -58,8 +68,9 @@ def lr_at(step: int, total: int, *, lr: float, warmup_steps: int, schedule: str 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate to ``lr`` times its ``lr_factor`` (1 unless the group has one)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_factor", 1.0)
 
 
 @torch.no_grad()

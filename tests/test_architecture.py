@@ -15,7 +15,7 @@ LAYERS = {
     "utils": 0, "config": 0, "losses": 0, "priors": 0, "methods": 0, "metrics": 0, "distributed": 0, "optim": 0,
     "progress": 0,
     "models": 1, "data": 1,
-    "features": 2, "rundir": 2, "plots": 2,
+    "features": 2, "rundir": 2, "plots": 2, "regime": 2,
     "embedded": 3,
     "evaluation": 4,
     "training": 5,

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from clip_refine_lab.embedded.pretrain import RECIPES, PretrainRecipe, base_checkpoint_path, pretrain_base
+from clip_refine_lab.embedded.pretrain import BASE_RECIPES, PretrainRecipe, base_checkpoint_path, pretrain_base
 
 
 def test_base_summary_records_the_recipe_and_its_hard_negatives(micro_base):
@@ -41,13 +41,13 @@ def test_second_call_loads_instead_of_training(micro_base, monkeypatch):
 
 def test_both_presets_use_object_order_hard_negatives():
     # one recipe for the embedded base; the dataclass default stays plain CLIP (benchmarks build recipes bare)
-    assert all(r.object_order_hard_negatives for r in RECIPES.values())
+    assert all(r.object_order_hard_negatives for r in BASE_RECIPES.values())
     assert not PretrainRecipe(epochs=1, batch_size=8, lr=1e-3).object_order_hard_negatives
 
 
 @pytest.mark.parametrize("field,value", [("lr", 1e-4), ("object_order_hard_negatives", False), ("seed", 1)])
 def test_recipe_changes_change_the_cache_key(field, value):
-    default = RECIPES["micro"]
+    default = BASE_RECIPES["micro"]
     assert base_checkpoint_path(world_preset="micro", recipe=replace(default, **{field: value})) != \
         base_checkpoint_path(world_preset="micro", recipe=default)
 
@@ -57,11 +57,11 @@ def test_switches_left_off_stay_out_of_the_key():
     plain = PretrainRecipe(epochs=6, batch_size=64, lr=2e-3, warmup_steps=10)
     assert base_checkpoint_path(world_preset="micro", recipe=replace(plain, relation_hard_negatives=False)) == \
         base_checkpoint_path(world_preset="micro", recipe=plain)
-    assert base_checkpoint_path(world_preset="micro") == base_checkpoint_path(world_preset="micro", recipe=RECIPES["micro"])
+    assert base_checkpoint_path(world_preset="micro") == base_checkpoint_path(world_preset="micro", recipe=BASE_RECIPES["micro"])
 
 
 def test_relation_axis_negatives_add_to_the_object_order_ones(micro_base):
-    recipe = replace(RECIPES["micro"], epochs=1, relation_axis_hard_negatives=True)
+    recipe = replace(BASE_RECIPES["micro"], epochs=1, relation_axis_hard_negatives=True)
     path = pretrain_base(world_preset="micro", recipe=recipe, progress=False)
     both = json.loads(path.with_suffix(".json").read_text())
     plain = json.loads(micro_base.with_suffix(".json").read_text())

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import PRESETS, ConfigError, preset_name
-from ..models.loading import EMBEDDED_TAG, ModelNotAvailableError
+from ..models.loading import ModelNotAvailableError, embedded_base, is_embedded
 from .pretrain import base_checkpoint_path, pretrain_base
 from .world import World, WorldConfig, build_world, world_root
 
@@ -26,27 +26,35 @@ def ensure_world(preset: str | None = None, *, progress: bool = True) -> World:
     return build_world(_world_config(preset), progress=progress)
 
 
-def base_is_built(arch: str | None = None, *, world_preset: str | None = None) -> bool:
-    """Whether the base of ``arch`` (default: the preset's model) on ``world_preset``'s world is cached."""
-    path = base_checkpoint_path(arch, world_preset=world_preset)
+def base_is_built(arch: str | None = None, *, world_preset: str | None = None, base: str | None = None) -> bool:
+    """Whether base ``base`` (default: the preset's) of ``arch`` (default: the preset's model) on
+    ``world_preset``'s world is cached."""
+    path = base_checkpoint_path(arch, world_preset=world_preset, base=base)
     return path.is_file() and path.with_suffix(".json").is_file()
 
 
-def ensure_base(arch: str | None = None, *, world_preset: str | None = None, progress: bool = True) -> Path:
+def ensure_base(arch: str | None = None, *, world_preset: str | None = None, base: str | None = None,
+                progress: bool = True) -> Path:
     """The cached base checkpoint of ``arch`` (default: the preset's model) on the embedded world of
-    ``world_preset``: pre-trained first (world built first too) when it is not there yet."""
-    return pretrain_base(arch, world_preset=world_preset, progress=progress)
+    ``world_preset``, pre-trained by the recipe of base ``base`` (a name of
+    :data:`~.pretrain.BASE_RECIPES`; default: the preset's): pre-trained first (world built first too)
+    when it is not there yet."""
+    return pretrain_base(arch, world_preset=world_preset, base=base, progress=progress)
 
 
 def resolve_pretrained(arch: str, pretrained: str | None, world_preset: str | None = None) -> str | None:
-    """``pretrained`` with the ``"embedded"`` tag replaced by the path of the cached base; never trains."""
-    if pretrained != EMBEDDED_TAG:
+    """``pretrained`` with an embedded tag (``"embedded"``, ``"embedded:NAME"``) replaced by the path of the
+    cached base; never trains."""
+    if not is_embedded(pretrained):
         return pretrained
-    if not base_is_built(arch, world_preset=world_preset):
+    base = embedded_base(pretrained)
+    if not base_is_built(arch, world_preset=world_preset, base=base):
+        flag, call = (f" --base {base}", f", base='{base}'") if base else ("", "")
         raise ModelNotAvailableError(
-            f"the embedded base of '{arch}' (preset '{preset_name(world_preset)}') is not built yet: run "
-            f"`clip-refine-lab pretrain --model {arch}` or clip_refine_lab.ensure_base('{arch}') first")
-    return str(base_checkpoint_path(arch, world_preset=world_preset))
+            f"the embedded base{f' {base!r}' if base else ''} of '{arch}' (preset '{preset_name(world_preset)}') is "
+            f"not built yet: run `clip-refine-lab pretrain --model {arch}{flag}` or "
+            f"clip_refine_lab.ensure_base('{arch}'{call}) first")
+    return str(base_checkpoint_path(arch, world_preset=world_preset, base=base))
 
 
 def world_manifest(name: str, preset: str | None = None) -> Path:

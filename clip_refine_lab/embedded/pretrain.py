@@ -41,7 +41,7 @@ from ..utils import atomic_write_json, cache_dir, seed_everything, stable_hash
 from .captions import relation_axis_swapped, relation_objects_swapped, relation_swapped
 from .world import WORLD_VERSION, WorldConfig, build_world
 
-PRETRAIN_VERSION = 5  # bump when the trained bytes change (it enters the base cache key)
+PRETRAIN_VERSION = 6  # bump when the trained bytes change (it enters the base cache key)
 
 #: Chunks the batch's text rows are sorted into by caption length and encoded apart
 #: (:func:`~clip_refine_lab.models.speed.encode_text_trimmed`); 4 measured fastest of 1, 3, 4, 6 and 8 on 2 cores.
@@ -62,6 +62,7 @@ class PretrainRecipe:
     warmup_steps: int = 100
     seed: int = 0
     logit_scale_init: float | None = None  # initial exp(logit_scale); None = open_clip's 1/0.07
+    logit_scale_lr_factor: float | None = None  # the logit scale's lr over the others' (own group, no decay)
     relation_hard_negatives: bool = False  # add each relation caption, relation words swapped, as a negative
     object_order_hard_negatives: bool = False  # ... or with its two objects swapped (takes precedence)
     relation_axis_hard_negatives: bool = False  # also its relation moved to the other axis, where the scene allows
@@ -71,20 +72,40 @@ class PretrainRecipe:
         return lr_at(step, total, lr=self.lr, warmup_steps=self.warmup_steps, schedule="cosine")
 
 
-RECIPES = {
-    # Object-order hard negatives lift position and the position and count sketches off chance (README, "The
-    # embedded world and base model"); the dataclass keeps them off so that a bare recipe is plain CLIP.
-    "default": PretrainRecipe(epochs=6, batch_size=256, lr=3e-4, warmup_steps=100, object_order_hard_negatives=True),
+#: The base recipes, by name: ``pretrained="embedded:NAME"`` (``clip-refine-lab pretrain --base NAME``) starts
+#: from that base; plain ``"embedded"`` from the preset's own (:data:`DEFAULT_BASES`). docs/embedded-world.md,
+#: "Two regimes", says how the converged recipe was chosen and what the two do to the feature space.
+BASE_RECIPES = {
+    # The logit scale reaches its cap during pre-training, as a real CLIP's does (CONVERGED_RECIPE_NOTE).
+    "converged": PretrainRecipe(epochs=6, batch_size=256, lr=3e-4, warmup_steps=100, object_order_hard_negatives=True,
+                                logit_scale_init=100.0),
+    # open_clip's initial scale 1/0.07, which 702 steps at lr 3e-4 cannot move far: ~14.4 at the end. Object-order
+    # hard negatives lift position and the position and count sketches off chance (docs/embedded-world.md).
+    "high-temperature": PretrainRecipe(epochs=6, batch_size=256, lr=3e-4, warmup_steps=100,
+                                       object_order_hard_negatives=True),
+    # The micro preset's (tests and CI): seconds, not a regime anybody studies.
     "micro": PretrainRecipe(epochs=6, batch_size=64, lr=2e-3, warmup_steps=10, object_order_hard_negatives=True),
 }
 
+#: The base each preset starts from when ``pretrained`` is plain ``"embedded"``.
+DEFAULT_BASES = {"default": "converged", "micro": "micro"}
+
+
+def base_recipe(base: str | None = None, world_preset: str | None = None) -> tuple[str, PretrainRecipe]:
+    """(name, recipe) of base ``base``, or of the preset's default base when ``base`` is None."""
+    name = base or DEFAULT_BASES[preset_name(world_preset)]
+    if name not in BASE_RECIPES:
+        raise ConfigError(f"unknown embedded base '{name}': known bases are {', '.join(BASE_RECIPES)} "
+                          "(pretrained: embedded:NAME)")
+    return name, BASE_RECIPES[name]
+
 
 def base_checkpoint_path(arch: str | None = None, *, world_preset: str | None = None,
-                         recipe: PretrainRecipe | None = None) -> Path:
+                         recipe: PretrainRecipe | None = None, base: str | None = None) -> Path:
     preset = PRESETS[preset_name(world_preset)]
     arch = arch or preset.model
     refuse_sigmoid_family(arch)
-    recipe = recipe or RECIPES[preset.name]
+    recipe = recipe or base_recipe(base, preset.name)[1]
     world_cfg = WorldConfig.preset(preset.world)
     # Unset optional fields (None, or an off switch) stay out of the key, so adding one does not invalidate
     # cached bases.
@@ -109,10 +130,13 @@ def refuse_sigmoid_family(arch: str) -> None:
 
 
 def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, recipe: PretrainRecipe | None = None,
-                  progress: bool = True, device: str = "cpu") -> Path:
-    """Return the path of the cached base checkpoint, training it first if it is not there yet."""
-    path = base_checkpoint_path(arch, world_preset=world_preset, recipe=recipe)
+                  base: str | None = None, progress: bool = True, device: str = "cpu") -> Path:
+    """Return the path of the cached base checkpoint, training it first if it is not there yet.
+
+    ``recipe``, else the recipe of base ``base`` (a name of :data:`BASE_RECIPES`), else the preset's default."""
+    path = base_checkpoint_path(arch, world_preset=world_preset, recipe=recipe, base=base)
     if path.is_file() and path.with_suffix(".json").is_file():
+        _add_regime(path, world_preset, device)
         return path
     from ..data.manifest import load_manifest
     from ..features import decode_images, normalize_uint8
@@ -124,7 +148,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     preset = PRESETS[preset_name(world_preset)]
     arch = arch or preset.model
     refuse_sigmoid_family(arch)
-    recipe = recipe or RECIPES[preset.name]
+    recipe = recipe or base_recipe(base, preset.name)[1]
     world = build_world(WorldConfig.preset(preset.world), progress=progress)
     stage(f"Pre-training the embedded base {arch} on synthetic-web",
           f"{PRETRAIN_MINUTES.get(preset.name, PRETRAIN_MINUTES['default']):g} min on 2 CPU cores; cached afterwards",
@@ -160,7 +184,8 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
 
     # requires_grad only: the fixed sin-cos position table is not trained
     opt = build_adamw(model.named_parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98),
-                      eps=1e-6, exclude_gains=True, device=torch.device(device))
+                      eps=1e-6, exclude_gains=True, device=torch.device(device),
+                      logit_scale_lr_factor=recipe.logit_scale_lr_factor)
     steps_per_epoch = len(records) // recipe.batch_size
     total = steps_per_epoch * recipe.epochs
     gen = torch.Generator().manual_seed(recipe.seed)
@@ -205,14 +230,29 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     return path
 
 
+def _add_regime(path: Path, world_preset: str | None, device: str) -> None:
+    """Give a cached base's summary its regime statistics if it was written without them (a few seconds)."""
+    summary = json.loads(path.with_suffix(".json").read_text())
+    if "regime" in summary:
+        return
+    from ..models.loading import load_model
+    from ..regime import model_regime
+
+    world = build_world(WorldConfig.preset(PRESETS[preset_name(world_preset)].world), progress=False)
+    summary["regime"] = model_regime(load_model(str(path), device=device), world.manifest("synthetic-retrieval"),
+                                     device=device)
+    atomic_write_json(path.with_suffix(".json"), summary)
+
+
 def summarize_base(loaded, world, *, device: str = "cpu", progress: bool = True) -> dict:
-    """Zero-shot top-1 on every task and the modality gap on synthetic-retrieval.
+    """Zero-shot top-1 on every task, the modality gap and the regime statistics on synthetic-retrieval.
 
     Through the feature cache: these are the final weights, so the first evaluation of a run starting from
     this base model reuses the features instead of encoding the world again."""
     from ..data.manifest import load_manifest
     from ..features import dataset_features
     from ..metrics import class_embeddings, classification_metrics, modality_gap, zero_shot_logits
+    from ..regime import model_regime
 
     zero_shot = {}
     for task in world.tasks:
@@ -222,15 +262,22 @@ def summarize_base(loaded, world, *, device: str = "cpu", progress: bool = True)
         zero_shot[task] = {"top1": classification_metrics(logits, fs.labels)["top1"],
                            "chance": 1.0 / fs.text.shape[0], **({"probe": True} if manifest.is_probe else {})}
     fs = dataset_features(loaded, world.manifest("synthetic-retrieval"), device=device, progress=False)
-    return {"zero_shot": zero_shot, "gap": modality_gap(fs.image, fs.text)}
+    return {"zero_shot": zero_shot, "gap": modality_gap(fs.image, fs.text),
+            "regime": model_regime(loaded, world.manifest("synthetic-retrieval"), device=device)}
 
 
 def format_summary(summary: dict) -> str:
     evaluated = f" (+ {summary['evaluate_seconds']} s for this summary)" if "evaluate_seconds" in summary else ""
+    from ..regime import format_regime
+
     lines = [f"base model {summary.get('arch')}: trained in {summary.get('train_seconds')} s{evaluated}, "
-             f"logit scale {summary.get('logit_scale', float('nan')):.1f}",
-             f"modality gap ||delta|| = {summary['gap']['gap_l2']:.3f} (real CLIP ViT-B/32 on COCO: ~0.82)",
-             f"{'task':<28}{'top-1':>8}{'chance':>8}"]
+             f"logit scale {summary.get('logit_scale', float('nan')):.1f}"]
+    if "regime" in summary:
+        lines += ["regime statistics on synthetic-retrieval (image, first caption):",
+                  format_regime({"this base": summary["regime"]}), ""]
+    else:
+        lines.append(f"modality gap ||delta|| = {summary['gap']['gap_l2']:.3f} (real CLIP ViT-B/32 on COCO: ~0.83)")
+    lines.append(f"{'task':<28}{'top-1':>8}{'chance':>8}")
     row = lambda task, r: f"{task:<28}{100 * r['top1']:>7.1f}%{100 * r['chance']:>7.1f}%"  # noqa: E731
     results = summary["zero_shot"]
     lines += [row(task, r) for task, r in results.items() if not r.get("probe")]

@@ -11,6 +11,10 @@ from typing import Iterable
 from ..rundir import resolve_output_dir
 from .evaluate import MODEL_FILE, PRETRAINED_LABEL, check_finished, evaluate_run
 
+#: The geometry columns of the tables: the paper's Table 3, then the two statistics that say which regime the
+#: model is in (its learned logit scale, and the raw norms' product over it; clip_refine_lab.regime).
+GEOMETRY_COLUMNS = ("gap_l2", "gap_mse", "alignment", "uniformity_log", "uniformity_rbf", "logit_scale",
+                    "norm_product_over_scale")
 INCOMPLETE_MARK = " [incomplete]"  # appended to the row of a run evaluated with allow_incomplete
 
 
@@ -85,8 +89,7 @@ def compare(runs: Iterable[str | os.PathLike | dict], *, evaluate_missing: bool 
         ret_rows[m] = {(ds, d, f"R@{k}"): 100 * v[f"{d}_R@{k}"] for ds, v in r["retrieval"].items()
                        for d in ("t2i", "i2t") for k in (1, 5, 10)}
     ret = pd.DataFrame(ret_rows).T
-    geo = pd.DataFrame({m: {(ds, k): v[k] for ds, v in r["geometry"].items()
-                            for k in ("gap_l2", "gap_mse", "alignment", "uniformity_log", "uniformity_rbf")}
+    geo = pd.DataFrame({m: {(ds, k): v[k] for ds, v in r["geometry"].items() for k in GEOMETRY_COLUMNS if k in v}
                         for m, r in models.items()}).T
     tables = {"zero_shot": zs, "retrieval": ret, "geometry": geo}
     if any(r.get("linear_probe") for r in models.values()):

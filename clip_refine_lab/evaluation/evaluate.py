@@ -27,12 +27,11 @@ from ..data.manifest import load_manifest
 from ..data.preflight import check_suite
 from ..distributed import resolve_device
 from ..embedded.base import resolve_pretrained
-from ..features import FeatureSet, dataset_features, weights_fingerprint
-from ..metrics import (DEFAULT_RETRIEVAL_TIES, alignment, class_embeddings, classification_metrics, gap_vector,
-                       linear_probe, modality_gap, pooled_uniformity, retrieval_metrics, shift_along_gap,
-                       zero_shot_logits)
+from ..features import FeatureSet, dataset_features, first_caption_pairs, weights_fingerprint
+from ..metrics import (DEFAULT_RETRIEVAL_TIES, class_embeddings, classification_metrics, gap_vector, linear_probe,
+                       modality_gap, regime_statistics, retrieval_metrics, shift_along_gap, zero_shot_logits)
 from ..models.checkpoints import CHECKPOINT_SUFFIXES
-from ..models.loading import EMBEDDED_TAG, LoadedModel, load_model, reload_spec
+from ..models.loading import EMBEDDED_TAG, LoadedModel, is_embedded, load_model, reload_spec
 from ..progress import progress_bar, stage
 from ..rundir import load_run_spec, resolve_output_dir, run_config
 from ..utils import atomic_write, atomic_write_json
@@ -54,23 +53,11 @@ def retrieval_scores(fs: FeatureSet, ties: str = DEFAULT_RETRIEVAL_TIES) -> dict
     return retrieval_metrics(fs.image, fs.text, fs.text_to_image, ties=ties)
 
 
-def first_caption_pairs(fs: FeatureSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image, first caption) feature pairs of a caption feature set."""
-    owner = fs.text_to_image
-    first = torch.full((fs.image.shape[0],), -1, dtype=torch.long)
-    idx = torch.arange(owner.shape[0])
-    first.scatter_reduce_(0, owner, idx, reduce="amin", include_self=False)
-    return fs.image, fs.text[first]
-
-
-def geometry_scores(fs: FeatureSet) -> dict[str, float]:
+def geometry_scores(fs: FeatureSet, logit_scale: float) -> dict[str, float]:
+    """The regime statistics (:func:`~clip_refine_lab.metrics.regime_statistics`) of a caption set's
+    (image, first caption) pairs: gap, alignment, uniformity, raw norms and the model's logit scale."""
     image, text = first_caption_pairs(fs)
-    out = dict(modality_gap(image, text))
-    out["alignment"] = alignment(image, text)
-    out.update(pooled_uniformity(image, text))
-    out["image_norm"] = float(image.norm(dim=-1).mean())
-    out["text_norm"] = float(text.norm(dim=-1).mean())
-    return out
+    return regime_statistics(image, text, logit_scale)
 
 
 def measure(loaded: LoadedModel, suite: Suite, *, device: str | torch.device = "cpu", data_root: str | None = None,
@@ -103,7 +90,7 @@ def measure(loaded: LoadedModel, suite: Suite, *, device: str | torch.device = "
         result["retrieval"][fs.name] = retrieval_scores(fs)
     for m in suite.geometry:
         fs = feats(m)
-        result["geometry"][fs.name] = geometry_scores(fs)
+        result["geometry"][fs.name] = geometry_scores(fs, float(loaded.model.logit_scale.detach().exp().reshape(-1)[0]))
     return result
 
 
@@ -177,7 +164,7 @@ def load_run_models(run_dir: str | os.PathLike, device: str | torch.device = "cp
         raise FileNotFoundError(f"{weights} not found: is the run finished? (clip-refine-lab refine ... --run-name "
                                 f"{cfg.run_name} resumes it)")
     pretrained = spec.pretrained
-    if cfg.pretrained == EMBEDDED_TAG and not (pretrained and Path(pretrained).is_file()):
+    if is_embedded(cfg.pretrained) and not (pretrained and Path(pretrained).is_file()):
         pretrained = resolve_pretrained(cfg.model, cfg.pretrained, cfg.preset)  # type: ignore[arg-type]
     base = load_model(spec.arch, pretrained, device=device, quick_gelu=spec.quick_gelu)
     return base, reload_spec(spec, weights, device=device)

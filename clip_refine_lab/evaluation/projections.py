@@ -32,7 +32,7 @@ def feature_points(fs, indices: np.ndarray | None = None) -> tuple[np.ndarray, "
     import pandas as pd
     import torch
 
-    from .evaluate import first_caption_pairs
+    from ..features import first_caption_pairs
     from ..metrics import normalize
 
     n = fs.image.shape[0]

@@ -50,7 +50,20 @@ from .checkpoints import (CHECKPOINT_SUFFIXES, SCHEMA_PREFIXES, ModelLoadError, 
                           header_model_cfg, read_checkpoint_meta, read_state_dict, save_checkpoint)
 
 CONFIG_DIR = Path(__file__).parent.parent / "embedded" / "model_configs"
-EMBEDDED_TAG = "embedded"
+EMBEDDED_TAG = "embedded"  # the preset's default embedded base; "embedded:NAME" names another base recipe
+
+
+def is_embedded(pretrained: str | None) -> bool:
+    """Whether ``pretrained`` names an embedded base: ``"embedded"`` or ``"embedded:NAME"``."""
+    return pretrained == EMBEDDED_TAG or (isinstance(pretrained, str) and pretrained.startswith(EMBEDDED_TAG + ":"))
+
+
+def embedded_base(pretrained: str | None) -> str | None:
+    """The base recipe an embedded tag names: NAME of ``"embedded:NAME"``; None for ``"embedded"`` (the preset's
+    default) and for anything else."""
+    if not is_embedded(pretrained):
+        return None
+    return pretrained.partition(":")[2] or None  # type: ignore[union-attr]
 CONFIG_FILE = "open_clip_config.json"  # open_clip's folder layout (hf-hub: and local-dir:)
 FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                   "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
@@ -128,7 +141,7 @@ def load_model(
     """
     register_tiny_architectures()
     arch, pretrained = _normalise(arch, pretrained)
-    if pretrained == EMBEDDED_TAG:
+    if is_embedded(pretrained):
         raise ModelNotAvailableError(
             f"load_model does not pre-train: resolve pretrained='{EMBEDDED_TAG}' to the cached base with "
             f"clip_refine_lab.embedded.base.resolve_pretrained('{arch}', '{EMBEDDED_TAG}'), or build it with "

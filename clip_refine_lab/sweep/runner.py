@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from ..config import PRESETS, RunConfig, preset_name
+from ..models.loading import embedded_base, is_embedded
 from ..progress import progress_bar, stage
 from ..utils import append_jsonl, atomic_write, read_jsonl, stable_hash
 from .figures import figures
@@ -106,7 +107,7 @@ def _embedded_base_changed(run_dir: Path, cfg: RunConfig) -> bool:
     The config says only ``pretrained: embedded``; the run's ``base.json`` records the checkpoint file, whose
     name carries the key of world version, world config, architecture and recipe (pretrain.base_checkpoint_path).
     Compared by name, so a moved cache directory does not count as a change."""
-    if cfg.pretrained != "embedded" or not (run_dir / "base.json").is_file():
+    if not is_embedded(cfg.pretrained) or not (run_dir / "base.json").is_file():
         return False
     from ..embedded.pretrain import base_checkpoint_path
 
@@ -116,7 +117,8 @@ def _embedded_base_changed(run_dir: Path, cfg: RunConfig) -> bool:
         return False
     if not recorded:
         return False
-    return Path(recorded).name != base_checkpoint_path(cfg.model, world_preset=cfg.preset).name
+    current = base_checkpoint_path(cfg.model, world_preset=cfg.preset, base=embedded_base(cfg.pretrained))
+    return Path(recorded).name != current.name
 
 
 # ================================================================================ preparation
@@ -211,12 +213,13 @@ def _object_attribute(obj: Mapping, key: str) -> Any:
     return obj.get(key)
 
 
-def _base_models(runs: Sequence[PlannedRun]) -> list[tuple[str, str]]:
+def _base_models(runs: Sequence[PlannedRun]) -> list[tuple[str, str, str | None]]:
+    """(architecture, preset, base name or None for the preset's default) of each embedded base the runs use."""
     out = []
     for r in runs:
         preset = preset_name(r.config.preset)
-        if r.config.pretrained == "embedded":
-            item = (r.config.model or PRESETS[preset].model, preset)
+        if is_embedded(r.config.pretrained):
+            item = (r.config.model or PRESETS[preset].model, preset, embedded_base(r.config.pretrained))
             if item not in out:
                 out.append(item)
     return out
@@ -227,12 +230,12 @@ def _prepare_base_models(runs: Sequence[PlannedRun], sweep_dir: Path, report: Sw
     A failure is reported, and the runs of that backbone fail in turn."""
     from ..embedded.base import base_is_built, ensure_base
 
-    for arch, preset in _base_models(runs):
-        if base_is_built(arch, world_preset=preset):
+    for arch, preset, base in _base_models(runs):
+        if base_is_built(arch, world_preset=preset, base=base):
             continue
         t0 = time.time()
         try:
-            ensure_base(arch, world_preset=preset, progress=progress)
+            ensure_base(arch, world_preset=preset, base=base, progress=progress)
             _log(sweep_dir, {"event": "pretrained", "model": arch, "seconds": round(time.time() - t0, 1)})
         except Exception as e:
             _log(sweep_dir, {"event": "failed", "run": f"pretrain/{arch}", "error": f"{type(e).__name__}: {e}"})

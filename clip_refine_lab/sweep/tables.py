@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import PRESETS, preset_name
+from ..evaluation.compare import GEOMETRY_COLUMNS
 from ..metrics import zero_shot_average
 from ..utils import atomic_write, atomic_write_json
 from .plan import expand
@@ -59,7 +60,7 @@ def _flatten(model_metrics: dict) -> dict[str, float]:
                 if f"{d}_R@{k}" in v:
                     out[f"ret:{ds}:{d}:R@{k}"] = 100 * v[f"{d}_R@{k}"]
     for ds, v in model_metrics.get("geometry", {}).items():
-        for k in ("gap_l2", "gap_mse", "alignment", "uniformity_log", "uniformity_rbf"):
+        for k in GEOMETRY_COLUMNS:
             if k in v:
                 out[f"geo:{ds}:{k}"] = float(v[k])
     return out
@@ -246,7 +247,8 @@ def _main_tables(tables: Tables, block: str, sub, base, suite: Any = None) -> No
             f.columns = columns(cols)
             f.index.name = "model"
         title = {"zero_shot": "zero-shot top-1 (%)", "retrieval": "retrieval recall (%)",
-                 "geometry": "modality gap ‖Δ‖, ‖Δ‖²/d, alignment, uniformity (log and plain)"}[part]
+                 "geometry": "modality gap ‖Δ‖, ‖Δ‖²/d, alignment, uniformity (log and plain), logit scale, "
+                              "raw norms' product over it"}[part]
         _put(tables, f"{block}_{part}", mean, std, n, {"kind": "main", "block": block, "part": part,
                                                         "title": f"{block}: {title}"}, formatted)
 

@@ -51,7 +51,7 @@ from ..embedded.base import ensure_base, ensure_world, resolve_pretrained
 from ..methods import Method, get_method, loss_terms
 from ..models.checkpoints import save_checkpoint
 from ..models.families import logit_bias
-from ..models.loading import EMBEDDED_TAG, LoadedModel, load_model
+from ..models.loading import LoadedModel, embedded_base, is_embedded, load_model
 from ..models.memory import check_memory_fits
 from ..models.speed import (compile_towers, encode_text_trimmed, train_with_frozen_batch_norm, use_channels_last,
                             use_sdpa_attention)
@@ -496,8 +496,9 @@ def refine(config: RunConfig, *, progress: bool = True, resume: bool = True, res
             return cfg.run_dir
         if not is_manifest_path(str(cfg.data)):
             ensure_world(cfg.preset, progress=progress and rank == 0)
-        if cfg.pretrained == EMBEDDED_TAG:
-            ensure_base(cfg.model, world_preset=cfg.preset, progress=progress and rank == 0)
+        if is_embedded(cfg.pretrained):
+            ensure_base(cfg.model, world_preset=cfg.preset, base=embedded_base(cfg.pretrained),
+                        progress=progress and rank == 0)
         refiner = Refiner(cfg, progress=progress, callback=callback)
         if refiner.rank == 0:
             cfg.to_yaml(cfg.run_dir / "config.yaml")

@@ -27,11 +27,11 @@ from typing import Sequence
 from ..config import PRESETS, ConfigError, RunConfig
 from ..data.manifest import ManifestError
 from ..data.preflight import check_suite, preflight_manifest
-from ..embedded.pretrain import refuse_sigmoid_family
+from ..embedded.pretrain import base_recipe, refuse_sigmoid_family
 from ..embedded.world import WorldConfig, world_root
 from ..models.checkpoints import CHECKPOINT_SUFFIXES, read_checkpoint_meta
 from ..models.families import config_family
-from ..models.loading import EMBEDDED_TAG, register_tiny_architectures, tiny_architectures
+from ..models.loading import EMBEDDED_TAG, embedded_base, is_embedded, register_tiny_architectures, tiny_architectures
 from .sources import is_manifest_path
 
 
@@ -89,9 +89,11 @@ def check_prior_vector(cfg: RunConfig, arch: str, embed_dim: int | None) -> None
 
 
 def check_embedded_image_size(cfg: RunConfig, arch: str, model_cfg: dict) -> None:
-    """The embedded base is pre-trained on the world's images as they are: the sizes must agree."""
-    if cfg.pretrained != EMBEDDED_TAG:
+    """The embedded base is pre-trained on the world's images as they are: the sizes must agree; and an
+    ``embedded:NAME`` base must name a known recipe."""
+    if not is_embedded(cfg.pretrained):
         return
+    base_recipe(embedded_base(cfg.pretrained), cfg.preset)
     refuse_sigmoid_family(arch)
     size, world = image_size_of(model_cfg), world_image_size(str(cfg.preset))
     if size is None or size == world:

@@ -148,6 +148,10 @@ PARAMS: dict[str, Param] = {
     "figure_dir": Param(*_OPT_STR, "folder to export the notebook's main figure to as PNG "
                                    "(e.g. 'docs'); None = no export"),
     "seed": Param(*_INT, "seed of the random example picks", _int_in(0)),
+    "bases": Param(lambda v: v is None or (_is_str_list(v) and len(v) > 0),
+                   "None or a non-empty list of base names",
+                   "embedded bases to compare (converged, high-temperature, micro); None = the preset's own base "
+                   "and the other regime", parse="list"),
 }
 
 #: Parameters whose meaning in one notebook differs from PARAMS (notebook 08 runs a sweep).
@@ -187,6 +191,7 @@ NOTEBOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
     "06_projections": ("run", "output_dir", "preset", "dataset", "sample_size", "n_neighbors", "seed",
                        "show_widgets", "figure_dir"),
     "07_failure_gallery": ("run", "output_dir", "preset", "dataset", "n_examples", "seed", "figure_dir"),
+    "09_regimes": ("bases", "preset", "dataset", "sample_size", "seed", "figure_dir"),
     SWEEP_NOTEBOOK: ("spec", "output_dir", "blocks", "max_runs", "run", "figure_dir"),
 }
 # notebooks whose run options make a RunConfig (the others only use output_dir/preset to find runs)

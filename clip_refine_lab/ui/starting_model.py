@@ -12,14 +12,14 @@ import json
 from typing import Iterable
 
 from ..config import RunConfig
-from ..models.loading import EMBEDDED_TAG
+from ..models.loading import embedded_base, is_embedded
 from ..rundir import resolve_path
 from .parameters import looks_like_file
 
 
 def uses_embedded_world(cfg: RunConfig) -> bool:
     """Whether a run uses the embedded world: the embedded base model, or a world split as its data."""
-    return cfg.pretrained == EMBEDDED_TAG or not looks_like_file(str(cfg.data or "synthetic-coco"))
+    return is_embedded(cfg.pretrained) or not looks_like_file(str(cfg.data or "synthetic-coco"))
 
 
 def task_table(world) -> str:
@@ -42,11 +42,11 @@ def task_table(world) -> str:
 def base_summary(cfg: RunConfig) -> str | None:
     """The pre-training summary of the cached embedded base model; None for other models or when the
     base has no summary."""
-    if cfg.pretrained != EMBEDDED_TAG:
+    if not is_embedded(cfg.pretrained):
         return None
     from ..embedded.pretrain import base_checkpoint_path, format_summary
 
-    path = base_checkpoint_path(cfg.model, world_preset=cfg.preset).with_suffix(".json")
+    path = base_checkpoint_path(cfg.model, world_preset=cfg.preset, base=embedded_base(cfg.pretrained)).with_suffix(".json")
     return format_summary(json.loads(path.read_text())) if path.is_file() else None
 
 
@@ -61,7 +61,7 @@ def headline_suite(cfg: RunConfig, suite: str | None = None):
         if not path.is_file():
             raise FileNotFoundError(f"suite file not found: {suite}")
         return load_suite(path, cfg.preset)
-    if cfg.pretrained == EMBEDDED_TAG:
+    if is_embedded(cfg.pretrained):
         return default_suite(cfg.preset)
     data = resolve_data(cfg)
     return Suite([], [data], [data])
