@@ -146,7 +146,8 @@ def cmd_regime(args) -> int:
     manifest = data if Path(data).suffix else world_manifest(data, preset)
     if not args.run_dir:
         pretrained = resolve_pretrained(args.model, args.pretrained, preset)
-        columns = {f"{args.model} ({args.pretrained})": load_model(args.model, pretrained, device=device)}
+        weights = Path(args.pretrained).name if Path(str(args.pretrained)).suffix else args.pretrained
+        columns = {f"{args.model} ({weights})": load_model(args.model, pretrained, device=device)}
     stats = {name: model_regime(loaded, manifest, device=device, data_root=args.data_root)
              for name, loaded in columns.items()}
     print(f"regime statistics on {manifest} (each image with its first caption):")

@@ -69,7 +69,7 @@ def test_model_regime_needs_a_caption_set(micro_world, micro_base):
 
     loaded = load_model(str(micro_base))
     stats = model_regime(loaded, micro_world.manifest("synthetic-retrieval"))
-    assert stats["logit_scale"] == pytest.approx(float(loaded.model.logit_scale.exp()))
+    assert stats["logit_scale"] == pytest.approx(float(loaded.model.logit_scale.detach().exp()))
     with pytest.raises(ConfigError, match=r"shape\.yaml.*kind 'classification'.*caption set"):
         model_regime(loaded, micro_world.manifest("shape"))
 
@@ -197,3 +197,20 @@ def test_logit_scale_gets_its_own_rate_and_no_decay():
     plain = build_adamw(model.named_parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6,
                         exclude_gains=True, device=torch.device("cpu"))
     assert len(plain.param_groups) == 2 and all(g["lr"] == 1e-3 for g in plain.param_groups)
+
+
+# ------------------------------------------------------------------------------ notebook 09's helpers
+def test_notebook_compares_the_preset_base_with_the_other_regime(micro_world, tmp_path):
+    from clip_refine_lab.ui.regimes import caption_set, comparison_bases, regime_frame
+
+    assert comparison_bases(None, "default") == ["converged", "high-temperature"]
+    assert comparison_bases(None, "micro") == ["micro", "converged"]
+    assert comparison_bases(["high-temperature"], "default") == ["high-temperature"]
+    with pytest.raises(ConfigError, match="unknown embedded base 'hot'"):
+        comparison_bases(["converged", "hot"], "default")
+    assert caption_set(None, "micro") == micro_world.manifest("synthetic-retrieval")
+    with pytest.raises(FileNotFoundError, match="dataset: manifest not found"):
+        caption_set(str(tmp_path / "none.yaml"), "micro")
+    stats = M.regime_statistics(torch.eye(4), torch.eye(4) + 0.1, logit_scale=50.0)
+    frame = regime_frame({"a": stats})
+    assert frame.loc["logit scale", "a"] == "50.0" and frame.loc["logit scale"].iloc[-1] == "100.0"
