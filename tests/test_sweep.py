@@ -148,7 +148,34 @@ def test_yaml_numbers_and_files(tmp_path):
         sw.load_spec(bad)
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "diagnostics.yaml", "quick.yaml", "embedded_defaults.yaml"])
+def test_extends_reuses_another_specs_blocks_and_merges_base(tmp_path):
+    (tmp_path / "parent.yaml").write_text("name: parent\npreset: micro\nseeds: [0, 1]\nbase: {lr: 1e-5, max_steps: 3}\n"
+                                         "blocks:\n  a:\n    table: none\n    grid: {alpha: [0.25, 0.5]}\n"
+                                         "  b:\n    table: none\n    grid: {alpha: [1.0]}\n")
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\nname: child\nbase: {pretrained: embedded:high-temperature}\n"
+                                        "blocks:\n  b:\n    table: none\n    grid: {alpha: [0.0]}\n")
+    spec = sw.load_spec(tmp_path / "child.yaml")
+    assert spec.name == "child" and spec.seeds == [0, 1] and spec.preset == "micro"
+    assert spec.base == {"lr": 1e-5, "max_steps": 3, "pretrained": "embedded:high-temperature"}
+    assert [b.name for b in spec.blocks] == ["a", "b"] and spec.blocks[1].grid == {"alpha": [0.0]}
+    assert all(r.config.pretrained == "embedded:high-temperature" for r in sw.expand(spec, tmp_path))
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\nblocks: {}\n")
+    with pytest.raises(sw.SweepError, match="a cycle"):
+        sw.load_spec(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(sw.SweepError, match=r"orphan.yaml: extends: spec not found: .*nowhere.yaml"):
+        sw.load_spec(tmp_path / "orphan.yaml")
+
+
+def test_high_temperature_spec_is_paper_on_the_other_base(tmp_path):
+    paper, hot = sw.load_spec(ROOT / "sweeps" / "paper.yaml"), sw.load_spec(ROOT / "sweeps" / "high-temperature.yaml")
+    assert [b.name for b in hot.blocks] == [b.name for b in paper.blocks] and hot.seeds == paper.seeds
+    assert hot.base == {**paper.base, "pretrained": "embedded:high-temperature"}
+    assert sw.default_sweep_dir(hot) != sw.default_sweep_dir(paper)
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "diagnostics.yaml", "quick.yaml", "embedded_defaults.yaml",
+                                  "high-temperature.yaml"])
 def test_shipped_specs_are_valid(name, tmp_path):
     spec = sw.load_spec(ROOT / "sweeps" / name)
     runs = sw.expand(spec, tmp_path)

@@ -24,7 +24,8 @@ from ..config import PRESETS, ConfigError, RunConfig, preset_name
 PRETRAINED = "pre-trained"
 SPEC_FILE = "spec.yaml"  # the spec as run, saved in the sweep directory (tables and figures read it)
 TABLE_KINDS = ("main", "prior", "alpha", "batch", "epochs", "weights", "data", "backbone", "none")
-SPEC_KEYS = ("name", "description", "preset", "output_dir", "seeds", "base", "blocks", "evaluate", "suite", "device")
+SPEC_KEYS = ("name", "description", "preset", "output_dir", "seeds", "base", "blocks", "evaluate", "suite", "device",
+             "extends")
 BLOCK_KEYS = ("table", "description", "base", "seeds", "grid", "runs", "suite", "x", "series")
 ENTRY_KEYS = ("label", "name")  # keys of a run entry that are not RunConfig fields
 MANAGED_FIELDS = {"seed": "use 'seeds:'", "output_dir": "the sweep sets it (<sweep dir>/runs/<block>)",
@@ -336,11 +337,30 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep spec not found: {path}")
+    return parse_spec(_read_extended(path, ()), where=str(path), path=path)
+
+
+def _read_extended(path: Path, chain: tuple[Path, ...]) -> dict:
+    """The spec mapping of ``path``, with ``extends: OTHER.yaml`` (relative to the file) resolved: the other
+    spec's keys, then this one's on top; ``base`` is merged field by field (this spec's fields win), and
+    ``blocks`` too, block by block (a block named here replaces the other's of that name)."""
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: not valid YAML: {e}") from None
-    return parse_spec(values, where=str(path), path=path)
+    if not isinstance(values, dict) or "extends" not in values:
+        return values
+    parent = (path.parent / str(values.pop("extends"))).resolve()
+    if parent in chain or parent == path.resolve():
+        raise SweepError(f"{path}: extends: {parent} extends {path} in turn (a cycle)")
+    if not parent.is_file():
+        raise SweepError(f"{path}: extends: spec not found: {parent}")
+    merged = dict(_read_extended(parent, chain + (path.resolve(),)))
+    for key in ("base", "blocks"):
+        if isinstance(merged.get(key), dict) and isinstance(values.get(key), dict):
+            values[key] = {**merged[key], **values[key]}
+    merged.update(values)
+    return merged
 
 
 def read_saved_spec(sweep_dir: str | os.PathLike) -> SweepSpec | None:
