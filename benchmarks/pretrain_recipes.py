@@ -2,11 +2,13 @@
 
 Each recipe is ``ARCH:epochs:batch:lr[:field=value...]`` (fields of
 :class:`clip_refine_lab.embedded.pretrain.PretrainRecipe`, e.g. ``warmup_steps=200``, ``logit_scale_init=50``,
-``relation_hard_negatives=true``, ``relation_axis_hard_negatives=true``; fields not named keep the dataclass defaults, so the shipped
-default recipe is ``tiny-vit-48:6:256:3e-4:object_order_hard_negatives=true``) and goes through the library's own
+``relation_hard_negatives=true``, ``relation_axis_hard_negatives=true``, ``logit_scale_lr_factor=50``; fields not named
+keep the dataclass defaults, so the converged default recipe is
+``tiny-vit-48:6:256:3e-4:object_order_hard_negatives=true:logit_scale_init=100`` and the high-temperature one the same
+without ``logit_scale_init``) and goes through the library's own
 :func:`clip_refine_lab.embedded.pretrain.pretrain_base` (cached by world + architecture + recipe, so a second
-call of the same recipe only reads its summary). This is how the default base recipe was chosen
-(README, "The base model"); the table is printed in Markdown.
+call of the same recipe only reads its summary). This is how the base recipes were chosen
+(docs/embedded-world.md, "Two regimes"); the table is printed in Markdown.
 
 Usage::
 

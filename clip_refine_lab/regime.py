@@ -36,14 +36,14 @@ REAL_VIT_B32_SOURCE = "OpenAI CLIP ViT-B/32 on COCO (CLIP-Refine Table 3; Liang 
 #: (key, label, format) of each statistic, in the order reports print them.
 REGIME_ROWS = [
     ("logit_scale", "logit scale", ".1f"),
-    ("gap_l2", "modality gap ||delta||", ".3f"),
-    ("gap_mse", "||delta||^2/d (x1e3)", ".4f"),
+    ("gap_l2", "modality gap ‖Δ‖", ".3f"),
+    ("gap_mse", "‖Δ‖²/d (×10³)", ".4f"),
     ("alignment", "alignment", ".3f"),
     ("uniformity_log", "uniformity (log)", ".3f"),
     ("uniformity_rbf", "uniformity (RBF)", ".4f"),
     ("image_norm", "mean raw image norm", ".2f"),
     ("text_norm", "mean raw text norm", ".2f"),
-    ("norm_product_over_scale", "|f_I||f_T| / logit scale", ".2f"),
+    ("norm_product_over_scale", "‖f_I‖·‖f_T‖ / logit scale", ".2f"),
 ]
 _SCALED = {"gap_mse": 1e3}  # printed as the paper prints it
 

@@ -54,12 +54,12 @@ def test_report_puts_the_reference_beside_and_leaves_unpublished_figures_blank()
     rows = {r["statistic"]: r for r in regime_rows({"mine": stats}, reference_name="real")}
     assert rows["logit scale"] == {"statistic": "logit scale", "mine": "14.3", "real": "100.0"}
     # the paper prints ||delta||^2/d times 1e3 (1.3345 for ViT-B/32)
-    assert rows["||delta||^2/d (x1e3)"]["real"] == "1.3345"
-    assert rows["||delta||^2/d (x1e3)"]["mine"] == format(1e3 * stats["gap_mse"], ".4f")
+    assert rows["‖Δ‖²/d (×10³)"]["real"] == "1.3345"
+    assert rows["‖Δ‖²/d (×10³)"]["mine"] == format(1e3 * stats["gap_mse"], ".4f")
     assert rows["mean raw image norm"]["real"] == "" and rows["uniformity (log)"]["real"] == ""
     assert REAL_VIT_B32_COCO["gap_l2"] == pytest.approx(0.83, abs=0.005)
     text = format_regime({"mine": stats})
-    assert "real ViT-B/32 (COCO)" in text and "|f_I||f_T| / logit scale" in text
+    assert "real ViT-B/32 (COCO)" in text and "‖f_I‖·‖f_T‖ / logit scale" in text
     assert within_band(0.9, 0.83) and not within_band(1.10, 0.83) and within_band(0.0675, 0.09)
 
 

@@ -9,7 +9,7 @@ caption that names a relation also enters the batch, changed so that it is false
 extra negative for the images. Each form is a switch of :class:`PretrainRecipe`:
 
 * ``object_order_hard_negatives``: the two objects swapped ("a blue star left of a red circle"). It lifts
-  position and the position and count sketches off chance, and is part of both presets' :data:`RECIPES`.
+  position and the position and count sketches off chance, and is part of every recipe of :data:`BASE_RECIPES`.
 * ``relation_hard_negatives``: the relation words swapped ("right of"). It leaves the ``relation`` probe
   at chance (``python benchmarks/pretrain_recipes.py tiny-vit-48:6:256:3e-4:relation_hard_negatives=true``).
 * ``relation_axis_hard_negatives``: a second negative, the relation moved to the other axis
@@ -76,7 +76,8 @@ class PretrainRecipe:
 #: from that base; plain ``"embedded"`` from the preset's own (:data:`DEFAULT_BASES`). docs/embedded-world.md,
 #: "Two regimes", says how the converged recipe was chosen and what the two do to the feature space.
 BASE_RECIPES = {
-    # The logit scale reaches its cap during pre-training, as a real CLIP's does (CONVERGED_RECIPE_NOTE).
+    # The logit scale starts at the cap of 100, where every released CLIP ends: 702 steps cannot move it there
+    # from 1/0.07, not even with its own learning rate 50x the others' (docs/embedded-world.md, "Two regimes").
     "converged": PretrainRecipe(epochs=6, batch_size=256, lr=3e-4, warmup_steps=100, object_order_hard_negatives=True,
                                 logit_scale_init=100.0),
     # open_clip's initial scale 1/0.07, which 702 steps at lr 3e-4 cannot move far: ~14.4 at the end. Object-order
