@@ -120,7 +120,8 @@ def cmd_pretrain(args) -> int:
 def cmd_regime(args) -> int:
     """Regime statistics of one model (or a run's starting and refined models) on a caption set."""
     from .distributed import resolve_device
-    from .embedded.base import ensure_world, resolve_pretrained, world_manifest
+    from .embedded.base import ensure_world, resolve_pretrained
+    from .evaluation.suites import resolve_manifest
     from .models.loading import is_embedded, load_model
     from .regime import format_regime, model_regime
 
@@ -128,7 +129,7 @@ def cmd_regime(args) -> int:
         raise ConfigError("regime: give a run directory or --model ARCH (with --pretrained TAG|FILE), "
                           f"{'not both' if args.run_dir else 'got neither'}")
     device = str(resolve_device(args.device))
-    columns, data, preset = {}, args.data, args.preset
+    data, preset = args.data, args.preset
     if args.run_dir:
         from .evaluation.evaluate import load_run_models
         from .rundir import find_run, run_config
@@ -141,9 +142,9 @@ def cmd_regime(args) -> int:
         base, refined = load_run_models(run, device=device)
         columns = {"starting model": base, "refined": refined}
     data = data or "synthetic-retrieval"
-    if not Path(data).suffix or is_embedded(args.pretrained):  # a split of the embedded world, or its base
+    if not Path(data).suffix or (not args.run_dir and is_embedded(args.pretrained)):  # a world split, or its base
         ensure_world(preset, progress=not args.quiet)
-    manifest = data if Path(data).suffix else world_manifest(data, preset)
+    manifest = resolve_manifest(data, preset)
     if not args.run_dir:
         pretrained = resolve_pretrained(args.model, args.pretrained, preset)
         weights = Path(args.pretrained).name if Path(str(args.pretrained)).suffix else args.pretrained

@@ -22,8 +22,8 @@ from .features import dataset_features, first_caption_pairs
 from .metrics import regime_statistics
 from .models.loading import LoadedModel
 
-__all__ = ["REAL_VIT_B32_COCO", "REAL_VIT_B32_SOURCE", "REGIME_ROWS", "model_regime", "regime_rows", "format_regime",
-           "within_band"]
+__all__ = ["REAL_VIT_B32_COCO", "REAL_VIT_B32_SOURCE", "REGIME_ROWS", "logit_scale_of", "model_regime", "regime_rows",
+           "format_regime", "within_band"]
 
 #: OpenAI CLIP ViT-B/32 on COCO, as published: the logit scale at its cap of 100 (the released weights);
 #: ‖Δ‖²/d, alignment and RBF uniformity from CLIP-Refine's Table 3 (its gap column is 10³·‖Δ‖²/d = 1.3345,
@@ -48,6 +48,14 @@ REGIME_ROWS = [
 _SCALED = {"gap_mse": 1e3}  # printed as the paper prints it
 
 
+def logit_scale_of(model: torch.nn.Module) -> float:
+    """The learned logit scale of a CLIP-style model: exp of its ``logit_scale`` parameter (scalar or 1-element)."""
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:
+        raise ConfigError(f"{type(model).__name__} has no logit_scale parameter: regime statistics need a CLIP-style model")
+    return float(scale.detach().exp().reshape(-1)[0])
+
+
 def model_regime(loaded: LoadedModel, manifest: str | os.PathLike | Manifest, *, device: str | torch.device = "cpu",
                  data_root: str | None = None, progress: bool = False) -> dict[str, float]:
     """:func:`~clip_refine_lab.metrics.regime_statistics` of ``loaded`` on a caption set (each image with its
@@ -57,12 +65,9 @@ def model_regime(loaded: LoadedModel, manifest: str | os.PathLike | Manifest, *,
     if manifest.kind != "captions":
         raise ConfigError(f"{manifest.path}: regime statistics need image-caption pairs, and this manifest is of "
                          f"kind '{manifest.kind}'; pass a caption set (COCO captions, synthetic-retrieval)")
-    scale = getattr(loaded.model, "logit_scale", None)
-    if scale is None:
-        raise ConfigError(f"{loaded.spec.arch} has no logit_scale parameter: regime statistics need a CLIP-style model")
+    scale = logit_scale_of(loaded.model)
     fs = dataset_features(loaded, manifest, device=device, progress=progress)
-    image, text = first_caption_pairs(fs)
-    return regime_statistics(image, text, float(scale.detach().exp().reshape(-1)[0]))
+    return regime_statistics(*first_caption_pairs(fs), scale)
 
 
 def within_band(value: float, reference: float, band: float = 0.25) -> bool:

@@ -84,32 +84,6 @@ def test_base_summary_prints_its_regime_beside_real_clip(micro_base):
     assert "regime statistics on synthetic-retrieval" in text and "real ViT-B/32 (COCO)" in text
 
 
-def test_a_cached_summary_without_regime_gets_it_on_the_next_call(micro_base, tmp_path, monkeypatch):
-    import shutil
-
-    from clip_refine_lab.embedded.pretrain import pretrain_base
-
-    from clip_refine_lab.embedded.pretrain import base_checkpoint_path
-
-    summary = json.loads(micro_base.with_suffix(".json").read_text())
-    monkeypatch.setenv("CLIP_REFINE_LAB_CACHE", str(tmp_path / "cache"))
-
-    path = base_checkpoint_path(world_preset="micro")
-    path.parent.mkdir(parents=True)
-    shutil.copy(micro_base, path)
-    old = {k: v for k, v in summary.items() if k != "regime"}
-    path.with_suffix(".json").write_text(json.dumps(old))
-
-    def must_not_train(*args, **kwargs):
-        raise AssertionError("a cached base was trained again")
-
-    monkeypatch.setattr("clip_refine_lab.embedded.pretrain.build_adamw", must_not_train)
-    assert pretrain_base(world_preset="micro", progress=False) == path
-    upgraded = json.loads(path.with_suffix(".json").read_text())
-    assert upgraded["regime"] == pytest.approx(summary["regime"])
-    assert {k: v for k, v in upgraded.items() if k != "regime"} == old
-
-
 def test_cli_regime_of_a_model_and_its_errors(micro_base, capsys):
     from clip_refine_lab.cli import main
 

@@ -137,7 +137,6 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     ``recipe``, else the recipe of base ``base`` (a name of :data:`BASE_RECIPES`), else the preset's default."""
     path = base_checkpoint_path(arch, world_preset=world_preset, recipe=recipe, base=base)
     if path.is_file() and path.with_suffix(".json").is_file():
-        _add_regime(path, world_preset, device)
         return path
     from ..data.manifest import load_manifest
     from ..features import decode_images, normalize_uint8
@@ -231,29 +230,15 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     return path
 
 
-def _add_regime(path: Path, world_preset: str | None, device: str) -> None:
-    """Give a cached base's summary its regime statistics if it was written without them (a few seconds)."""
-    summary = json.loads(path.with_suffix(".json").read_text())
-    if "regime" in summary:
-        return
-    from ..models.loading import load_model
-    from ..regime import model_regime
-
-    world = build_world(WorldConfig.preset(PRESETS[preset_name(world_preset)].world), progress=False)
-    summary["regime"] = model_regime(load_model(str(path), device=device), world.manifest("synthetic-retrieval"),
-                                     device=device)
-    atomic_write_json(path.with_suffix(".json"), summary)
-
-
 def summarize_base(loaded, world, *, device: str = "cpu", progress: bool = True) -> dict:
     """Zero-shot top-1 on every task, the modality gap and the regime statistics on synthetic-retrieval.
 
     Through the feature cache: these are the final weights, so the first evaluation of a run starting from
     this base model reuses the features instead of encoding the world again."""
     from ..data.manifest import load_manifest
-    from ..features import dataset_features
-    from ..metrics import class_embeddings, classification_metrics, modality_gap, zero_shot_logits
-    from ..regime import model_regime
+    from ..features import dataset_features, first_caption_pairs
+    from ..metrics import class_embeddings, classification_metrics, modality_gap, regime_statistics, zero_shot_logits
+    from ..regime import logit_scale_of
 
     zero_shot = {}
     for task in world.tasks:
@@ -264,21 +249,18 @@ def summarize_base(loaded, world, *, device: str = "cpu", progress: bool = True)
                            "chance": 1.0 / fs.text.shape[0], **({"probe": True} if manifest.is_probe else {})}
     fs = dataset_features(loaded, world.manifest("synthetic-retrieval"), device=device, progress=False)
     return {"zero_shot": zero_shot, "gap": modality_gap(fs.image, fs.text),
-            "regime": model_regime(loaded, world.manifest("synthetic-retrieval"), device=device)}
+            "regime": regime_statistics(*first_caption_pairs(fs), logit_scale_of(loaded.model))}
 
 
 def format_summary(summary: dict) -> str:
-    evaluated = f" (+ {summary['evaluate_seconds']} s for this summary)" if "evaluate_seconds" in summary else ""
     from ..regime import format_regime
 
+    evaluated = f" (+ {summary['evaluate_seconds']} s for this summary)" if "evaluate_seconds" in summary else ""
     lines = [f"base model {summary.get('arch')}: trained in {summary.get('train_seconds')} s{evaluated}, "
-             f"logit scale {summary.get('logit_scale', float('nan')):.1f}"]
-    if "regime" in summary:
-        lines += ["regime statistics on synthetic-retrieval (image, first caption):",
-                  format_regime({"this base": summary["regime"]}), ""]
-    else:
-        lines.append(f"modality gap ||delta|| = {summary['gap']['gap_l2']:.3f} (real CLIP ViT-B/32 on COCO: ~0.83)")
-    lines.append(f"{'task':<28}{'top-1':>8}{'chance':>8}")
+             f"logit scale {summary.get('logit_scale', float('nan')):.1f}",
+             "regime statistics on synthetic-retrieval (image, first caption):",
+             format_regime({"this base": summary["regime"]}), "",
+             f"{'task':<28}{'top-1':>8}{'chance':>8}"]
     row = lambda task, r: f"{task:<28}{100 * r['top1']:>7.1f}%{100 * r['chance']:>7.1f}%"  # noqa: E731
     results = summary["zero_shot"]
     lines += [row(task, r) for task, r in results.items() if not r.get("probe")]

@@ -33,6 +33,7 @@ from ..metrics import (DEFAULT_RETRIEVAL_TIES, class_embeddings, classification_
 from ..models.checkpoints import CHECKPOINT_SUFFIXES
 from ..models.loading import EMBEDDED_TAG, LoadedModel, is_embedded, load_model, reload_spec
 from ..progress import progress_bar, stage
+from ..regime import logit_scale_of
 from ..rundir import load_run_spec, resolve_output_dir, run_config
 from ..utils import atomic_write, atomic_write_json
 from .suites import Suite, check_labels, load_suite, resolve_manifest, suite_leakage
@@ -90,7 +91,7 @@ def measure(loaded: LoadedModel, suite: Suite, *, device: str | torch.device = "
         result["retrieval"][fs.name] = retrieval_scores(fs)
     for m in suite.geometry:
         fs = feats(m)
-        result["geometry"][fs.name] = geometry_scores(fs, float(loaded.model.logit_scale.detach().exp().reshape(-1)[0]))
+        result["geometry"][fs.name] = geometry_scores(fs, logit_scale_of(loaded.model))
     return result
 
 

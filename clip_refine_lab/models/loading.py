@@ -51,19 +51,6 @@ from .checkpoints import (CHECKPOINT_SUFFIXES, SCHEMA_PREFIXES, ModelLoadError, 
 
 CONFIG_DIR = Path(__file__).parent.parent / "embedded" / "model_configs"
 EMBEDDED_TAG = "embedded"  # the preset's default embedded base; "embedded:NAME" names another base recipe
-
-
-def is_embedded(pretrained: str | None) -> bool:
-    """Whether ``pretrained`` names an embedded base: ``"embedded"`` or ``"embedded:NAME"``."""
-    return pretrained == EMBEDDED_TAG or (isinstance(pretrained, str) and pretrained.startswith(EMBEDDED_TAG + ":"))
-
-
-def embedded_base(pretrained: str | None) -> str | None:
-    """The base recipe an embedded tag names: NAME of ``"embedded:NAME"``; None for ``"embedded"`` (the preset's
-    default) and for anything else."""
-    if not is_embedded(pretrained):
-        return None
-    return pretrained.partition(":")[2] or None  # type: ignore[union-attr]
 CONFIG_FILE = "open_clip_config.json"  # open_clip's folder layout (hf-hub: and local-dir:)
 FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                   "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
@@ -107,6 +94,19 @@ class Architecture:
     preprocess: dict  # preprocessing that goes with the config ({} = open_clip's defaults)
     tokenizer: str  # the name open_clip.get_tokenizer takes
     registered: bool = False
+
+
+def is_embedded(pretrained: str | None) -> bool:
+    """Whether ``pretrained`` names an embedded base: ``"embedded"`` or ``"embedded:NAME"``."""
+    return pretrained == EMBEDDED_TAG or (isinstance(pretrained, str) and pretrained.startswith(EMBEDDED_TAG + ":"))
+
+
+def embedded_base(pretrained: str | None) -> str | None:
+    """The base recipe an embedded tag names: NAME of ``"embedded:NAME"``; None for ``"embedded"`` (the preset's
+    default) and for anything else."""
+    if not is_embedded(pretrained):
+        return None
+    return pretrained.partition(":")[2] or None  # type: ignore[union-attr]
 
 
 def register_tiny_architectures() -> None:

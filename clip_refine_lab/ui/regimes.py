@@ -44,12 +44,10 @@ def load_bases(names: Sequence[str], preset: str | None = None, *, device: str =
 def caption_set(dataset: str | None, preset: str | None = None) -> Path:
     """The caption manifest notebook 09 measures on: a manifest file, or a split of the embedded world
     (default: synthetic-retrieval, where docs/results.md measures the geometry)."""
-    from ..embedded.base import world_manifest
-    from ..rundir import resolve_path
+    from ..evaluation.suites import resolve_manifest
+    from ..rundir import project_root
 
-    if dataset and Path(dataset).suffix in (".yaml", ".yml"):
-        path = resolve_path(dataset)
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset: manifest not found: {dataset}")
-        return path
-    return world_manifest(dataset or "synthetic-retrieval", preset)
+    try:  # a relative manifest path is taken from the repository root (notebooks run in notebooks/)
+        return resolve_manifest(dataset or "synthetic-retrieval", preset, base=project_root())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"dataset: {e}") from None
