@@ -1,4 +1,4 @@
-"""Command line: ``clip-refine-lab {refine,pretrain,world,eval,compare,data} ...``.
+"""Command line: ``clip-refine-lab {refine,pretrain,regime,world,eval,compare,sweep,data} ...``.
 
 Every option of ``refine`` is a field of :class:`~clip_refine_lab.config.RunConfig` (``--help``
 lists them all); ``--config run.yaml`` loads a YAML file first and flags override it. Errors a user
