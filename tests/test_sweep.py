@@ -172,10 +172,15 @@ def test_high_temperature_spec_is_paper_on_the_other_base(tmp_path):
     assert [b.name for b in hot.blocks] == [b.name for b in paper.blocks] and hot.seeds == paper.seeds
     assert hot.base == {**paper.base, "pretrained": "embedded:high-temperature"}
     assert sw.default_sweep_dir(hot) != sw.default_sweep_dir(paper)
+    diag = sw.load_spec(ROOT / "sweeps" / "diagnostics.yaml")
+    hot_diag = sw.load_spec(ROOT / "sweeps" / "high-temperature-diagnostics.yaml")
+    assert [b.name for b in hot_diag.blocks] == [b.name for b in diag.blocks]
+    assert hot_diag.base == {**diag.base, "pretrained": "embedded:high-temperature"}
+    assert sw.default_sweep_dir(hot_diag) not in {sw.default_sweep_dir(diag), sw.default_sweep_dir(hot)}
 
 
 @pytest.mark.parametrize("name", ["paper.yaml", "diagnostics.yaml", "quick.yaml", "embedded_defaults.yaml",
-                                  "high-temperature.yaml"])
+                                  "high-temperature.yaml", "high-temperature-diagnostics.yaml"])
 def test_shipped_specs_are_valid(name, tmp_path):
     spec = sw.load_spec(ROOT / "sweeps" / name)
     runs = sw.expand(spec, tmp_path)
