@@ -71,3 +71,12 @@ def test_relation_axis_negatives_add_to_the_object_order_ones(micro_base):
     # have negatives are the same
     assert both["hard_negatives"] > plain["hard_negatives"] >= 1
     assert both["hard_negative_fraction"] == plain["hard_negative_fraction"]
+
+
+def test_pretraining_from_random_weights_does_not_warn_about_them(micro_world, caplog):
+    # open_clip warns "Model initialized randomly" on every random build; here that is the point, and a
+    # warning in the pretrain output would read as a failed load of the user's weights
+    recipe = replace(BASE_RECIPES["micro"], epochs=1, seed=7)  # a key of its own: this call trains
+    with caplog.at_level("WARNING"):
+        pretrain_base(world_preset="micro", recipe=recipe, progress=False)
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]

@@ -142,7 +142,7 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
     from ..features import decode_images, normalize_uint8
     from ..losses import hard_negative_contrastive_loss
     from ..models.checkpoints import ModelSpec, save_checkpoint
-    from ..models.loading import load_model
+    from ..models.loading import load_model, no_random_init_warning
     from ..models.speed import encode_text_trimmed, use_sdpa_attention
 
     preset = PRESETS[preset_name(world_preset)]
@@ -154,7 +154,8 @@ def pretrain_base(arch: str | None = None, *, world_preset: str | None = None, r
           f"{PRETRAIN_MINUTES.get(preset.name, PRETRAIN_MINUTES['default']):g} min on 2 CPU cores; cached afterwards",
           enabled=progress)
     seed_everything(recipe.seed)
-    loaded = load_model(arch, None, device=device)
+    with no_random_init_warning():  # random weights are the point here, not a failed load
+        loaded = load_model(arch, None, device=device)
     model = loaded.model
     use_sdpa_attention(model)  # the trainer's attention path: same parameters and checkpoint keys, faster
     if recipe.logit_scale_init is not None:

@@ -344,7 +344,7 @@ def _build(architecture: Architecture, quick_gelu: bool, preprocess: dict, devic
                   **_image_kwargs(preprocess))
     if not random_init:  # the checkpoint has every tensor: no download of base text-tower weights
         common["pretrained_text"] = False
-    with _hub_offline_if_needed(), (contextlib.nullcontext() if random_init else _no_random_init_warning()):
+    with _hub_offline_if_needed(), (contextlib.nullcontext() if random_init else no_random_init_warning()):
         if architecture.registered:
             model, _, transform = open_clip.create_model_and_transforms(architecture.name, pretrained=None, **common)
         else:
@@ -406,8 +406,9 @@ def _preprocess_overrides(preprocess: dict) -> dict:
     return {k: v for k, v in preprocess.items() if k != "size"}
 
 
-class _no_random_init_warning(logging.Filter):
-    """Drop open_clip's "initialized randomly" warnings while building a model whose weights load next."""
+class no_random_init_warning(logging.Filter):
+    """Drop open_clip's "initialized randomly" warnings while building a model whose weights load next, or
+    one that is meant to start from random weights (pre-training the embedded base)."""
 
     MESSAGES = ("No pretrained weights loaded", "Local config loaded, but no CLIP weights")
 
