@@ -320,6 +320,7 @@ def test_aggregate_mean_std(tmp_path):
     assert set(figs) == {"main", "alpha", "weights"}
     alpha_fig = figs["alpha"]
     assert list(alpha_fig.data[0].x) == [0.0, 1.0]
+    assert alpha_fig.layout.title.text.endswith("mean ± std over 3 seeds")
     assert alpha_fig.data[0].error_y.array[1] == pytest.approx(np.std([100 * values[f"alpha/alpha1-s{s}"][0]["shape"] / 2
                                                                       + 100 * values[f"alpha/alpha1-s{s}"][0]["colour"] / 2
                                                                       for s in (0, 1, 2)], ddof=1))
@@ -328,6 +329,15 @@ def test_aggregate_mean_std(tmp_path):
     assert "| pre-trained | 30.00 | 50.00 | 40.00 |" in md
     assert (sweep_dir / "tables" / "main_zero_shot.mean.csv").is_file() and (sweep_dir / "figures" / "alpha.html").is_file()
     assert all(p.is_file() for p in written)
+
+
+def test_one_seed_sweep_figure_says_so_instead_of_a_spread(tmp_path):
+    spec, sweep_dir, runs = _fake_sweep(tmp_path, {"alpha": {"table": "alpha", "grid": {"alpha": [0.0, 1.0]}}},
+                                        seeds=(0,))
+    for r in runs:
+        _write_run(r, _metrics(r.run_name, {"shape": 0.4, "colour": 0.5}, 0.05, 1.0))
+    title = sw.figures(sw.aggregate(sweep_dir))["alpha"].layout.title.text
+    assert title.endswith(": one seed") and "±" not in title
 
 
 def test_probe_columns_come_after_the_tasks_and_stay_out_of_the_average(tmp_path):

@@ -56,7 +56,8 @@ def _sweep_figure(tables: Tables, block: str, kind: str, spec_block: Block | Non
     n_seeds = int(sub.groupby("name")["seed"].nunique().max())
     title = {"alpha": "HyCD α sweep", "batch": "Mini-batch size (gradient accumulation for the large ones)",
              "epochs": "Epochs"}.get(kind, block)
-    fig.update_layout(title=f"{title}: mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}",
+    seeds = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"  # no spread to show from one
+    fig.update_layout(title=f"{title}: {seeds}",
                       template=TEMPLATE, height=400, width=max(900, 330 * len(metrics)),
                       legend=dict(orientation="h", y=-0.25), margin=dict(l=50, r=20, t=80, b=100))
     return fig
