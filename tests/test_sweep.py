@@ -172,6 +172,10 @@ def test_high_temperature_spec_is_paper_on_the_other_base(tmp_path):
     assert [b.name for b in hot.blocks] == [b.name for b in paper.blocks] and hot.seeds == paper.seeds
     assert hot.base == {**paper.base, "pretrained": "embedded:high-temperature"}
     assert sw.default_sweep_dir(hot) != sw.default_sweep_dir(paper)
+
+
+def test_high_temperature_diagnostics_are_the_diagnostics_on_the_other_base():
+    hot = sw.load_spec(ROOT / "sweeps" / "high-temperature.yaml")
     diag = sw.load_spec(ROOT / "sweeps" / "diagnostics.yaml")
     hot_diag = sw.load_spec(ROOT / "sweeps" / "high-temperature-diagnostics.yaml")
     assert [b.name for b in hot_diag.blocks] == [b.name for b in diag.blocks]
